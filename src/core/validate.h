@@ -1,0 +1,24 @@
+// Argument checks shared by every entry point: each failure throws
+// snapmla::Error naming the argument and saying what was expected.
+#pragma once
+
+#include <initializer_list>
+#include <string>
+
+#include "snapmla/error.h"
+#include "snapmla/tensor.h"
+
+namespace snapmla::check {
+
+void defined(const TensorView& t, const char* name);
+void dtype(const TensorView& t, const char* name, std::initializer_list<DType> allowed);
+// kAny matches any extent.
+inline constexpr int64_t kAny = -1;
+void shape(const TensorView& t, const char* name, std::initializer_list<int64_t> expected);
+void contiguous(const TensorView& t, const char* name);
+// The innermost dimension is contiguous (rows may be strided).
+void inner_contiguous(const TensorView& t, const char* name);
+void on_device(const TensorView& t, const char* name, Device device);
+void argument(bool ok, const char* name, const std::string& message);
+
+}  // namespace snapmla::check
