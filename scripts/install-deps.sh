@@ -37,4 +37,10 @@ fi
 mkdir -p "$deps/cutlass"
 rm -rf "$deps/cutlass/include"
 cp -r "$cutlass_src" "$deps/cutlass/include"   # a real copy so it can travel to the GPU machine
+# --- GoogleTest staged beside the project so it can travel to the GPU machine (no registry there) ---
+if [ ! -f "$deps/gtest/lib/libgtest.a" ]; then
+  mkdir -p "$deps/gtest/lib" "$deps/gtest/include"
+  cp -r /usr/include/gtest "$deps/gtest/include/"
+  cp /usr/lib/x86_64-linux-gnu/libgtest.a /usr/lib/x86_64-linux-gnu/libgtest_main.a "$deps/gtest/lib/"
+fi
 echo "install-deps: ok ($(du -sh "$deps/cutlass/include" | cut -f1) of CUTLASS headers, venv at $deps/venv)"

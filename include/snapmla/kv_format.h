@@ -41,10 +41,10 @@ constexpr size_t kv_bytes_per_page(KvFormat format) { return kv_bytes_per_token(
 // kBF16 -> data; kFP8 -> nope, scale, rope. Slot s lives at page s / 64, row s % 64.
 struct KvCacheView {
   KvFormat format = KvFormat::kBF16;
-  TensorView data;   // bf16
-  TensorView nope;   // fp8
-  TensorView scale;  // fp8
-  TensorView rope;   // fp8
+  TensorView data;   // kBF16: [num_pages, 64, 1, 576] bf16
+  TensorView nope;   // kFP8:  [num_pages, 64, 1, 512] e4m3
+  TensorView scale;  // kFP8:  [num_pages, 64, 1, 1]   fp32
+  TensorView rope;   // kFP8:  [num_pages, 64, 1, 64]  bf16
 
   int64_t num_pages() const;
   Device device() const;

@@ -1,0 +1,236 @@
+#include "cli/decode_runner.h"
+
+#include <algorithm>
+#include <cstring>
+
+#include "core/numeric.h"
+#if defined(SNAPMLA_WITH_CUDA)
+#include <cuda_runtime.h>
+
+#include "cuda/check.h"
+#endif
+
+namespace snapmla::cli {
+
+KvCacheView HostKvCache::view() {
+  KvCacheView v;
+  v.format = format;
+  const Device cpu = Device::cpu();
+  if (format == KvFormat::kBF16) {
+    v.data = TensorView::contiguous(data.data(), DType::kBFloat16, cpu, {num_pages, kPageSize, 1, kHeadDim});
+  } else {
+    v.nope = TensorView::contiguous(nope.data(), DType::kFloat8E4M3, cpu, {num_pages, kPageSize, 1, kNopeDim});
+    v.scale = TensorView::contiguous(scale.data(), DType::kFloat32, cpu, {num_pages, kPageSize, 1, 1});
+    v.rope = TensorView::contiguous(rope.data(), DType::kBFloat16, cpu, {num_pages, kPageSize, 1, kRopeDim});
+  }
+  return v;
+}
+
+HostKvCache build_host_cache(const synthetic::Workload& w, KvFormat format) {
+  HostKvCache c;
+  c.format = format;
+  c.num_pages = w.num_pages;
+  const size_t slots = static_cast<size_t>(w.num_pages) * kPageSize;
+  if (format == KvFormat::kBF16) {
+    c.data.assign(slots * kHeadDim, 0);
+  } else {
+    c.nope.assign(slots * kNopeDim, 0);
+    c.scale.assign(slots, 1.0f);
+    c.rope.assign(slots * kRopeDim, 0);
+  }
+  const int64_t n = static_cast<int64_t>(w.slot_mapping.size());
+  if (n == 0) return c;
+  const Device cpu = Device::cpu();
+  auto c_kv = TensorView::contiguous(const_cast<float*>(w.c_kv.data()), DType::kFloat32, cpu, {n, kNopeDim});
+  auto k_pe = TensorView::contiguous(const_cast<float*>(w.k_pe.data()), DType::kFloat32, cpu, {n, kRopeDim});
+  auto slots_view = TensorView::contiguous(const_cast<int32_t*>(w.slot_mapping.data()), DType::kInt32, cpu, {n});
+  write_kv_cache(c_kv, k_pe, slots_view, c.view());
+  return c;
+}
+
+namespace {
+
+std::vector<uint16_t> query_bf16(const std::vector<float>& values) {
+  std::vector<uint16_t> q(values.size());
+  for (size_t i = 0; i < q.size(); ++i) q[i] = float_to_bf16_bits(values[i]);
+  return q;
+}
+
+}  // namespace
+
+DecodeOutput decode_on_cpu(const synthetic::Workload& w, HostKvCache& cache) {
+  const auto& s = w.spec;
+  const Device cpu = Device::cpu();
+  std::vector<uint16_t> q = query_bf16(w.q);
+  std::vector<uint16_t> out(static_cast<size_t>(s.batch) * s.s_q * s.h_q * kHeadDimV);
+  std::vector<float> lse(static_cast<size_t>(s.batch) * s.h_q * s.s_q);
+  DecodeParams p;
+  p.q = TensorView::contiguous(q.data(), DType::kBFloat16, cpu, {s.batch, s.s_q, s.h_q, kHeadDim});
+  p.cache = cache.view();
+  p.block_table = TensorView::contiguous(const_cast<int32_t*>(w.block_table.data()), DType::kInt32, cpu,
+                                         {s.batch, w.max_pages});
+  p.cache_seqlens = TensorView::contiguous(const_cast<int32_t*>(s.seqlens.data()), DType::kInt32, cpu, {s.batch});
+  p.out = TensorView::contiguous(out.data(), DType::kBFloat16, cpu, {s.batch, s.s_q, s.h_q, kHeadDimV});
+  p.lse = TensorView::contiguous(lse.data(), DType::kFloat32, cpu, {s.batch, s.h_q, s.s_q});
+  mla_decode(p);
+  DecodeOutput r;
+  r.out.resize(out.size());
+  for (size_t i = 0; i < out.size(); ++i) r.out[i] = bf16_bits_to_float(out[i]);
+  r.lse.assign(lse.begin(), lse.end());
+  return r;
+}
+
+#if defined(SNAPMLA_WITH_CUDA)
+
+namespace {
+
+// Device memory owned for the lifetime of a GpuDecode.
+struct DeviceBytes {
+  void* ptr = nullptr;
+  size_t size = 0;
+  DeviceBytes() = default;
+  explicit DeviceBytes(size_t n) : size(n) { SNAPMLA_CUDA_CHECK(cudaMalloc(&ptr, n > 0 ? n : 1)); }
+  DeviceBytes(const void* host, size_t n) : DeviceBytes(n) {
+    if (n) SNAPMLA_CUDA_CHECK(cudaMemcpy(ptr, host, n, cudaMemcpyHostToDevice));
+  }
+  DeviceBytes(DeviceBytes&& o) noexcept : ptr(o.ptr), size(o.size) { o.ptr = nullptr; }
+  DeviceBytes& operator=(DeviceBytes&& o) noexcept {
+    std::swap(ptr, o.ptr);
+    std::swap(size, o.size);
+    return *this;
+  }
+  ~DeviceBytes() {
+    if (ptr) cudaFree(ptr);
+  }
+};
+
+template <typename T>
+DeviceBytes upload(const std::vector<T>& v) {
+  return DeviceBytes(v.data(), v.size() * sizeof(T));
+}
+
+}  // namespace
+
+struct GpuDecode::Impl {
+  synthetic::WorkloadSpec spec;
+  int max_pages = 0;
+  KvFormat format;
+  DeviceBytes q, data, nope, scale, rope, block_table, seqlens, out, lse, metadata, num_splits, workspace;
+  DecodeParams params;
+};
+
+GpuDecode::GpuDecode(const synthetic::Workload& w, HostKvCache& cache)
+    : GpuDecode(w.spec, w.q, w.block_table, w.max_pages, cache, cache.num_pages) {}
+
+namespace {
+
+// Device copy of `host` repeated until it fills `total_elems` elements.
+template <typename T>
+DeviceBytes upload_tiled(const std::vector<T>& host, size_t total_elems) {
+  DeviceBytes d(total_elems * sizeof(T));
+  const size_t chunk = host.size();
+  for (size_t at = 0; at < total_elems && chunk > 0; at += chunk) {
+    const size_t n = std::min(chunk, total_elems - at);
+    SNAPMLA_CUDA_CHECK(cudaMemcpy(static_cast<T*>(d.ptr) + at, host.data(), n * sizeof(T), cudaMemcpyHostToDevice));
+  }
+  return d;
+}
+
+}  // namespace
+
+GpuDecode::GpuDecode(const synthetic::WorkloadSpec& s, const std::vector<float>& q,
+                     const std::vector<int32_t>& block_table, int max_pages, HostKvCache& seed, int64_t pool_pages)
+    : impl_(std::make_unique<Impl>()) {
+  Impl& m = *impl_;
+  m.spec = s;
+  m.max_pages = max_pages;
+  m.format = seed.format;
+  const Device gpu = Device::cuda(0);
+  m.q = upload(query_bf16(q));
+  m.block_table = upload(block_table);
+  m.seqlens = upload(s.seqlens);
+  KvCacheView& v = m.params.cache;
+  v.format = seed.format;
+  const int64_t pages = pool_pages;
+  const size_t slots = static_cast<size_t>(pages) * kPageSize;
+  if (seed.format == KvFormat::kBF16) {
+    m.data = upload_tiled(seed.data, slots * kHeadDim);
+    v.data = TensorView::contiguous(m.data.ptr, DType::kBFloat16, gpu, {pages, kPageSize, 1, kHeadDim});
+  } else {
+    m.nope = upload_tiled(seed.nope, slots * kNopeDim);
+    m.scale = upload_tiled(seed.scale, slots);
+    m.rope = upload_tiled(seed.rope, slots * kRopeDim);
+    v.nope = TensorView::contiguous(m.nope.ptr, DType::kFloat8E4M3, gpu, {pages, kPageSize, 1, kNopeDim});
+    v.scale = TensorView::contiguous(m.scale.ptr, DType::kFloat32, gpu, {pages, kPageSize, 1, 1});
+    v.rope = TensorView::contiguous(m.rope.ptr, DType::kBFloat16, gpu, {pages, kPageSize, 1, kRopeDim});
+  }
+  const int rows = s.s_q * s.h_q;
+  const int parts = decode_num_sm_parts(gpu, rows);
+  m.out = DeviceBytes(static_cast<size_t>(s.batch) * rows * kHeadDimV * 2);
+  m.lse = DeviceBytes(static_cast<size_t>(s.batch) * rows * 4);
+  m.metadata = DeviceBytes(static_cast<size_t>(parts) * 8 * 4);
+  m.num_splits = DeviceBytes(static_cast<size_t>(s.batch + 1) * 4);
+  m.workspace = DeviceBytes(decode_workspace_bytes(s.batch, s.s_q, s.h_q, parts));
+  DecodeParams& p = m.params;
+  p.q = TensorView::contiguous(m.q.ptr, DType::kBFloat16, gpu, {s.batch, s.s_q, s.h_q, kHeadDim});
+  p.block_table = TensorView::contiguous(m.block_table.ptr, DType::kInt32, gpu, {s.batch, max_pages});
+  p.cache_seqlens = TensorView::contiguous(m.seqlens.ptr, DType::kInt32, gpu, {s.batch});
+  p.out = TensorView::contiguous(m.out.ptr, DType::kBFloat16, gpu, {s.batch, s.s_q, s.h_q, kHeadDimV});
+  p.lse = TensorView::contiguous(m.lse.ptr, DType::kFloat32, gpu, {s.batch, s.h_q, s.s_q});
+  p.schedule.tile_scheduler_metadata = TensorView::contiguous(m.metadata.ptr, DType::kInt32, gpu, {parts, 8});
+  p.schedule.num_splits = TensorView::contiguous(m.num_splits.ptr, DType::kInt32, gpu, {s.batch + 1});
+  p.workspace = TensorView::contiguous(m.workspace.ptr, DType::kUInt8, gpu,
+                                       {static_cast<int64_t>(m.workspace.size)});
+  p.causal = true;
+  // The first launch checks the indices on the host; later (timed) launches skip that round trip.
+  p.check_indices = true;
+}
+
+GpuDecode::~GpuDecode() = default;
+
+void GpuDecode::plan() {
+  get_mla_metadata(impl_->params.cache_seqlens, impl_->spec.s_q * impl_->spec.h_q, impl_->params.schedule);
+}
+
+void GpuDecode::launch(void* stream) {
+  mla_decode(impl_->params, stream);
+  impl_->params.check_indices = false;
+}
+
+DecodeOutput GpuDecode::download() const {
+  const Impl& m = *impl_;
+  SNAPMLA_CUDA_CHECK(cudaDeviceSynchronize());
+  std::vector<uint16_t> out(m.out.size / 2);
+  std::vector<float> lse(m.lse.size / 4);
+  SNAPMLA_CUDA_CHECK(cudaMemcpy(out.data(), m.out.ptr, m.out.size, cudaMemcpyDeviceToHost));
+  SNAPMLA_CUDA_CHECK(cudaMemcpy(lse.data(), m.lse.ptr, m.lse.size, cudaMemcpyDeviceToHost));
+  DecodeOutput r;
+  r.out.resize(out.size());
+  for (size_t i = 0; i < out.size(); ++i) r.out[i] = bf16_bits_to_float(out[i]);
+  r.lse.assign(lse.begin(), lse.end());
+  return r;
+}
+
+size_t GpuDecode::cache_bytes() const {
+  const Impl& m = *impl_;
+  return m.data.size + m.nope.size + m.scale.size + m.rope.size;
+}
+
+#else
+
+struct GpuDecode::Impl {};
+GpuDecode::GpuDecode(const synthetic::Workload& w, HostKvCache& cache)
+    : GpuDecode(w.spec, w.q, w.block_table, w.max_pages, cache, cache.num_pages) {}
+GpuDecode::GpuDecode(const synthetic::WorkloadSpec&, const std::vector<float>&, const std::vector<int32_t>&, int,
+                     HostKvCache&, int64_t) {
+  throw Error("snapmla was built without CUDA");
+}
+GpuDecode::~GpuDecode() = default;
+void GpuDecode::plan() {}
+void GpuDecode::launch(void*) {}
+DecodeOutput GpuDecode::download() const { return {}; }
+size_t GpuDecode::cache_bytes() const { return 0; }
+
+#endif
+
+}  // namespace snapmla::cli

@@ -1,0 +1,57 @@
+// Runs one decode problem from a synthetic workload on the CPU backend or the
+// GPU, for the demo and the benchmark (one place that builds caches and
+// moves them to the device).
+#pragma once
+
+#include <cstdint>
+#include <memory>
+#include <vector>
+
+#include "core/synthetic.h"
+#include "snapmla/snapmla.h"
+
+namespace snapmla::cli {
+
+// A paged cache held in host memory, filled through snapmla::write_kv_cache.
+struct HostKvCache {
+  KvFormat format = KvFormat::kBF16;
+  int64_t num_pages = 0;
+  std::vector<uint16_t> data;   // bf16
+  std::vector<uint8_t> nope;    // fp8
+  std::vector<float> scale;     // fp8
+  std::vector<uint16_t> rope;   // fp8
+  KvCacheView view();
+};
+
+HostKvCache build_host_cache(const synthetic::Workload& w, KvFormat format);
+
+struct DecodeOutput {
+  std::vector<double> out;  // [b, s_q, h_q, 512]
+  std::vector<double> lse;  // [b, h_q, s_q]
+};
+
+DecodeOutput decode_on_cpu(const synthetic::Workload& w, HostKvCache& cache);
+
+// A decode problem resident on the GPU, ready to be launched repeatedly.
+class GpuDecode {
+ public:
+  GpuDecode(const synthetic::Workload& w, HostKvCache& cache);
+  // A pool of `pool_pages` pages filled by repeating `seed`'s pages: large
+  // benchmark caches without generating every token on the host.
+  GpuDecode(const synthetic::WorkloadSpec& spec, const std::vector<float>& q, const std::vector<int32_t>& block_table,
+            int max_pages, HostKvCache& seed, int64_t pool_pages);
+  ~GpuDecode();
+  GpuDecode(const GpuDecode&) = delete;
+  GpuDecode& operator=(const GpuDecode&) = delete;
+
+  void plan();                         // get_mla_metadata (once per batch shape)
+  void launch(void* stream = nullptr);  // mla_decode only
+  DecodeOutput download() const;
+  size_t cache_bytes() const;
+
+ private:
+  struct Impl;
+  std::unique_ptr<Impl> impl_;
+};
+
+}  // namespace snapmla::cli

@@ -1,0 +1,563 @@
+// The sm90 split-KV MLA decode kernel, one template for both cache formats.
+//
+// Grid (row tiles, SM parts). A CTA owns 16 * kRowGroups query rows and walks
+// the (sequence, page range) pieces of its SchedulePart (src/core/schedule.h).
+// Each row group of 16 rows has 4 warps:
+//   QK   warp q computes S for its 16 rows x tokens [16 q, 16 q + 16) of the page,
+//        over all 576 dims (mma.sync; fp8: e4m3 m16n8k32 over the 512 NoPE dims,
+//        promoted to fp32 every 128 dims, then bf16 m16n8k16 over the 64 RoPE
+//        dims into the same fragment).
+//   softmax  row maxima (and fp8 P-scale maxima) are exchanged between the 4
+//        warps through shared memory; every warp then holds the same row state
+//        (m, P scale) and its own partial row sum l.
+//   PV   warp q owns output dims [128 q, 128 q + 128) for the 16 rows: 64 fp32
+//        registers per thread, P read back from shared memory.
+// K/V pages are double buffered with cp.async into XOR-swizzled shared memory
+// (16-byte chunk c of row r lives at chunk c ^ (r & 7)), so every ldmatrix
+// phase of 8 rows hits 8 distinct bank groups. Pages are added strictly in
+// order, which the fp8 per-page P scale needs (SnapMLA's order enforcement).
+//
+// fp8 PV: e4m3 mma needs both operands K-major, so each page's V^T (dims x
+// tokens) is built in shared memory from the K tile already there (ldmatrix
+// .trans on byte pairs + prmt). That transpose leaves the tokens of each
+// 16-token group in the order {0,1,8,9, 2,3,10,11, 4,5,12,13, 6,7,14,15}
+// along the reduction axis; P is stored in the same order, which happens to
+// make each thread's 4 P bytes of a row one 32-bit store.
+#pragma once
+
+#include <cuda_runtime.h>
+
+#include <cstdint>
+
+#include "core/numeric.h"
+#include "core/schedule.h"
+#include "cuda/sm90/decode_params.cuh"
+#include "cuda/sm90/mma.cuh"
+#include "cuda/sm90/token_quant.cuh"
+#include "snapmla/kv_format.h"
+
+namespace snapmla::cuda::sm90 {
+
+inline constexpr int kWarpsPerRowGroup = 4;
+inline constexpr int kRowsPerGroup = 16;
+inline constexpr int kTokensPerWarp = kPageSize / kWarpsPerRowGroup;  // 16
+inline constexpr int kDimsPerWarp = kHeadDimV / kWarpsPerRowGroup;    // 128
+inline constexpr int kOutTilesPerWarp = kDimsPerWarp / 8;             // 16 n8 tiles
+inline constexpr float kNegInf = -__builtin_huge_valf();
+
+__host__ __device__ constexpr int align128(int bytes) { return (bytes + 127) / 128 * 128; }
+
+// Shared-memory map of one CTA. Row strides of P / V^T are padded by 16 bytes
+// instead of swizzled: 80 B and 144 B strides make 8 consecutive rows cover all
+// 32 banks for ldmatrix.
+template <KvFormat kFormat, int kRowGroups>
+struct DecodeSmem {
+  static constexpr bool kFp8 = kFormat == KvFormat::kFP8;
+  static constexpr int kRows = kRowsPerGroup * kRowGroups;
+
+  // bf16: one 1152-byte row per query row / token; fp8: NoPE and RoPE apart.
+  static constexpr int kQRowBytes = kFp8 ? kNopeDim : kHeadDim * 2;
+  static constexpr int kKRowBytes = kQRowBytes;
+  static constexpr int kRopeRowBytes = kRopeDim * 2;  // fp8 only
+  static constexpr int kPRowBytes = kFp8 ? kPageSize + 16 : kPageSize * 2 + 16;
+  static constexpr int kVtRowBytes = kPageSize + 16;
+
+  static constexpr int kQ = 0;
+  static constexpr int kQRope = align128(kQ + kRows * kQRowBytes);
+  static constexpr int kQScale = align128(kQRope + (kFp8 ? kRows * kRopeRowBytes : 0));
+  static constexpr int kStage0 = align128(kQScale + (kFp8 ? kRows * 4 : 0));
+  // Within a stage: K rows, then (fp8) RoPE rows and the 64 token scales.
+  static constexpr int kStageRope = kPageSize * kKRowBytes;
+  static constexpr int kStageScale = kStageRope + (kFp8 ? kPageSize * kRopeRowBytes : 0);
+  static constexpr int kStageBytes = align128(kStageScale + (kFp8 ? kPageSize * 4 : 0));
+  static constexpr int kVt = kStage0 + 2 * kStageBytes;
+  static constexpr int kP = align128(kVt + (kFp8 ? kHeadDimV * kVtRowBytes : 0));
+  static constexpr int kRedMax = align128(kP + kRows * kPRowBytes);
+  static constexpr int kRedAux = kRedMax + kRows * kWarpsPerRowGroup * 4;  // fp8 P-scale maxima; row sums
+  static constexpr int kBytes = align128(kRedAux + kRows * kWarpsPerRowGroup * 4);
+  static_assert(kBytes <= 227 * 1024, "decode tile does not fit in shared memory");
+};
+
+// Byte offset of 16-byte chunk `chunk` of row `row` in a swizzled tile.
+__device__ __forceinline__ uint32_t swizzled(int row, int row_bytes, int chunk) {
+  return static_cast<uint32_t>(row * row_bytes + ((chunk ^ (row & 7)) << 4));
+}
+
+__device__ __forceinline__ float quad_max(float v) {
+  v = fmaxf(v, __shfl_xor_sync(0xffffffffu, v, 1));
+  return fmaxf(v, __shfl_xor_sync(0xffffffffu, v, 2));
+}
+__device__ __forceinline__ float quad_sum(float v) {
+  v += __shfl_xor_sync(0xffffffffu, v, 1);
+  return v + __shfl_xor_sync(0xffffffffu, v, 2);
+}
+
+// S (16 rows x 16 tokens, two n8 tiles) += A (rows x k) . B (tokens x k)^T
+// over k steps [k_begin, k_end) of 32 bytes each, both tiles swizzled.
+template <bool kE4M3>
+__device__ __forceinline__ void qk_steps(float (&s)[2][4], uint32_t a_tile, int a_row_bytes, uint32_t b_tile,
+                                         int b_row_bytes, int a_row, int b_row, int lane, int k_begin, int k_end) {
+  const int a_half = lane >> 4;         // A matrices 2, 3 hold k bytes 16..31
+  const int b_half = (lane >> 3) & 1;   // B matrices 1, 3 hold k bytes 16..31
+#pragma unroll 2
+  for (int k = k_begin; k < k_end; ++k) {
+    uint32_t a[4], b[4];
+    ldmatrix_x4(a, a_tile + swizzled(a_row, a_row_bytes, 2 * k + a_half));
+    ldmatrix_x4(b, b_tile + swizzled(b_row, b_row_bytes, 2 * k + b_half));
+    if constexpr (kE4M3) {
+      mma_e4m3_16x8x32(s[0], a, b[0], b[1]);
+      mma_e4m3_16x8x32(s[1], a, b[2], b[3]);
+    } else {
+      mma_bf16_16x8x16(s[0], a, b[0], b[1]);
+      mma_bf16_16x8x16(s[1], a, b[2], b[3]);
+    }
+  }
+}
+
+template <KvFormat kFormat, int kRowGroups>
+__global__ void __launch_bounds__(kRowGroups * kWarpsPerRowGroup * 32, 1)
+    mla_decode_kernel(const DecodeKernelParams p) {
+  using Smem = DecodeSmem<kFormat, kRowGroups>;
+  constexpr bool kFp8 = Smem::kFp8;
+  constexpr int kThreads = kRowGroups * kWarpsPerRowGroup * 32;
+  constexpr int kWarps = kThreads / 32;
+  constexpr int kRows = Smem::kRows;
+
+  extern __shared__ __align__(128) uint8_t smem[];
+  const uint32_t smem_base = smem_address(smem);
+
+  const int tid = threadIdx.x;
+  const int lane = tid & 31;
+  const int warp = tid >> 5;
+  const int row_group = warp / kWarpsPerRowGroup;
+  const int quarter = warp % kWarpsPerRowGroup;  // token block in QK, dim block in PV
+  const int group_row = lane >> 2;               // fragment rows group_row and group_row + 8
+  const int quad_lane = lane & 3;
+  const int tile_row0 = blockIdx.x * kRows;
+
+  // Tile-local rows of this thread's accumulator fragments.
+  int local_row[2], global_row[2];
+#pragma unroll
+  for (int half = 0; half < 2; ++half) {
+    local_row[half] = row_group * kRowsPerGroup + group_row + 8 * half;
+    global_row[half] = tile_row0 + local_row[half];
+  }
+
+  float* red_max = reinterpret_cast<float*>(smem + Smem::kRedMax);
+  float* red_aux = reinterpret_cast<float*>(smem + Smem::kRedAux);
+
+  const SchedulePart part = load_schedule_part(p.tile_scheduler_metadata, blockIdx.y);
+
+  for (int batch = part.begin_batch; batch <= part.end_batch; ++batch) {
+    const int s_k = max(p.cache_seqlens[batch], 0);
+    const int page_begin = batch == part.begin_batch ? part.begin_page : 0;
+    const int page_end = batch == part.end_batch ? part.end_page : pages_for_tokens(s_k);
+    const int split = batch == part.begin_batch ? part.first_split : 0;
+    const int split_count = p.num_splits[batch + 1] - p.num_splits[batch];
+
+    // Number of valid tokens of logical page `page` (0 for a page index outside
+    // the pool, which is then never read), and where its rows start.
+    auto page_rows = [&](int page, int64_t* physical) -> int {
+      const int64_t id = page < p.max_pages ? p.block_table[static_cast<int64_t>(batch) * p.max_pages + page] : -1;
+      if (id < 0 || id >= p.num_pages) {
+        if (tid == 0) atomicOr(p.status, kStatusBadPage);
+        *physical = 0;
+        return 0;
+      }
+      *physical = id;
+      return min(kPageSize, s_k - page * kPageSize);
+    };
+
+    auto load_page = [&](int page, int stage) {
+      int64_t physical;
+      const int valid_rows = page_rows(page, &physical);
+      const uint32_t stage_base = smem_base + Smem::kStage0 + stage * Smem::kStageBytes;
+      if constexpr (!kFp8) {
+        constexpr int kChunks = kHeadDim * 2 / 16;  // 72 per token
+        const uint8_t* src_page = reinterpret_cast<const uint8_t*>(p.kv_bf16) + physical * kPageSize * kHeadDim * 2;
+        #pragma unroll 1
+        for (int idx = tid; idx < kPageSize * kChunks; idx += kThreads) {
+          const int row = idx / kChunks, chunk = idx % kChunks;
+          const bool valid = row < valid_rows;
+          const uint8_t* src = valid ? src_page + row * kHeadDim * 2 + chunk * 16 : src_page;
+          cp_async_16(stage_base + swizzled(row, Smem::kKRowBytes, chunk), src, valid);
+        }
+      } else {
+        constexpr int kNopeChunks = kNopeDim / 16;     // 32 per token
+        constexpr int kRopeChunks = kRopeDim * 2 / 16;  // 8 per token
+        const uint8_t* nope_page = p.kv_nope + physical * kPageSize * kNopeDim;
+        #pragma unroll 1
+        for (int idx = tid; idx < kPageSize * kNopeChunks; idx += kThreads) {
+          const int row = idx / kNopeChunks, chunk = idx % kNopeChunks;
+          const bool valid = row < valid_rows;
+          cp_async_16(stage_base + swizzled(row, Smem::kKRowBytes, chunk),
+                      valid ? nope_page + row * kNopeDim + chunk * 16 : nope_page, valid);
+        }
+        const uint8_t* rope_page =
+            reinterpret_cast<const uint8_t*>(p.kv_rope) + physical * kPageSize * kRopeDim * 2;
+        #pragma unroll 1
+        for (int idx = tid; idx < kPageSize * kRopeChunks; idx += kThreads) {
+          const int row = idx / kRopeChunks, chunk = idx % kRopeChunks;
+          const bool valid = row < valid_rows;
+          cp_async_16(stage_base + Smem::kStageRope + swizzled(row, Smem::kRopeRowBytes, chunk),
+                      valid ? rope_page + row * kRopeDim * 2 + chunk * 16 : rope_page, valid);
+        }
+        // 4 token scales per chunk; a chunk past the valid rows is zeroed (the
+        // garbage of a partly valid chunk is never used: masked tokens select 0).
+        const uint8_t* scale_page = reinterpret_cast<const uint8_t*>(p.kv_scale + physical * kPageSize);
+        if (tid < kPageSize / 4) {
+          const bool valid = tid * 4 < valid_rows;
+          cp_async_16(stage_base + Smem::kStageScale + tid * 16, valid ? scale_page + tid * 16 : scale_page, valid);
+        }
+      }
+    };
+
+    // ---- prologue: the query tile (fp8: quantized here unless given) ----
+    __syncthreads();  // the previous sequence is done with Q, P and the stages
+    const int64_t batch_row0 = static_cast<int64_t>(batch) * p.rows;
+    if constexpr (!kFp8) {
+      constexpr int kChunks = kHeadDim * 2 / 16;
+      #pragma unroll 1
+      for (int idx = tid; idx < kRows * kChunks; idx += kThreads) {
+        const int row = idx / kChunks, chunk = idx % kChunks;
+        const bool valid = tile_row0 + row < p.rows;
+        const uint8_t* src = reinterpret_cast<const uint8_t*>(p.q + (batch_row0 + tile_row0 + row) * kHeadDim);
+        cp_async_16(smem_base + Smem::kQ + swizzled(row, Smem::kQRowBytes, chunk), valid ? src + chunk * 16 : reinterpret_cast<const uint8_t*>(p.q),
+                    valid);
+      }
+    } else {
+      float* q_scale_smem = reinterpret_cast<float*>(smem + Smem::kQScale);
+      if (p.q_nope != nullptr) {
+        constexpr int kNopeChunks = kNopeDim / 16, kRopeChunks = kRopeDim * 2 / 16;
+        #pragma unroll 1
+        for (int idx = tid; idx < kRows * kNopeChunks; idx += kThreads) {
+          const int row = idx / kNopeChunks, chunk = idx % kNopeChunks;
+          const bool valid = tile_row0 + row < p.rows;
+          const uint8_t* src = p.q_nope + (batch_row0 + tile_row0 + row) * kNopeDim + chunk * 16;
+          cp_async_16(smem_base + Smem::kQ + swizzled(row, Smem::kQRowBytes, chunk), valid ? src : p.q_nope, valid);
+        }
+        #pragma unroll 1
+        for (int idx = tid; idx < kRows * kRopeChunks; idx += kThreads) {
+          const int row = idx / kRopeChunks, chunk = idx % kRopeChunks;
+          const bool valid = tile_row0 + row < p.rows;
+          const uint8_t* src =
+              reinterpret_cast<const uint8_t*>(p.q_rope + (batch_row0 + tile_row0 + row) * kRopeDim) + chunk * 16;
+          cp_async_16(smem_base + Smem::kQRope + swizzled(row, Smem::kRopeRowBytes, chunk),
+                      valid ? src : reinterpret_cast<const uint8_t*>(p.q_rope), valid);
+        }
+        #pragma unroll 1
+        for (int row = tid; row < kRows; row += kThreads)
+          q_scale_smem[row] = tile_row0 + row < p.rows ? p.q_scale[batch_row0 + tile_row0 + row] : 1.0f;
+      } else {
+        // One warp per query row, in token_quant's lane layout (lane l: NoPE
+        // [16 l, 16 l + 16) = chunk l; lanes < 8: RoPE chunk l), so the row is
+        // quantized by the same code as the cache and quantize_query. That code
+        // writes chunk l at base + 16 l; the bases below move each lane's
+        // chunk to its swizzled place.
+        #pragma unroll 1
+        for (int row = warp; row < kRows; row += kWarps) {
+          uint8_t* nope_row = smem + Smem::kQ + swizzled(row, Smem::kQRowBytes, lane) - 16 * lane;
+          uint16_t* rope_row = reinterpret_cast<uint16_t*>(smem + Smem::kQRope +
+                                                           swizzled(row, Smem::kRopeRowBytes, lane & 7) - 16 * lane);
+          if (tile_row0 + row < p.rows) {
+            const uint16_t* src = p.q + (batch_row0 + tile_row0 + row) * kHeadDim;
+            float nope[token_quant::kNopePerLane], rope[token_quant::kRopePerLane];
+            token_quant::load_values<true>(src + token_quant::kNopePerLane * lane, nope);
+            if (lane < token_quant::kRopeLanes) {
+              token_quant::load_values<true>(src + kNopeDim + token_quant::kRopePerLane * lane, rope);
+            } else {
+#pragma unroll
+              for (int i = 0; i < token_quant::kRopePerLane; ++i) rope[i] = 0.0f;
+            }
+            token_quant::quantize_row<true>(lane, nope, rope, nope_row, &q_scale_smem[row], rope_row);
+          } else {
+            *reinterpret_cast<uint4*>(nope_row + 16 * lane) = make_uint4(0, 0, 0, 0);
+            if (lane < token_quant::kRopeLanes)
+              *reinterpret_cast<uint4*>(rope_row + 8 * lane) = make_uint4(0, 0, 0, 0);
+            if (lane == 0) q_scale_smem[row] = 1.0f;
+          }
+        }
+      }
+    }
+    if (page_begin < page_end) load_page(page_begin, 0);
+    cp_async_commit();
+
+    // ---- per-row state ----
+    int64_t visible[2];
+#pragma unroll
+    for (int half = 0; half < 2; ++half) {
+      const int r = global_row[half];
+      // Causal MTP: query i of s_q sees the first s_k - s_q + i + 1 tokens.
+      const int64_t causal_limit = static_cast<int64_t>(s_k) - p.s_q + r / p.h_q + 1;
+      const int64_t limit = p.causal ? max(int64_t{0}, min(causal_limit, static_cast<int64_t>(s_k))) : s_k;
+      visible[half] = r < p.rows ? limit : 0;
+    }
+    float row_max[2] = {kNegInf, kNegInf};  // m, log2 units
+    float p_scale[2] = {1.0f, 1.0f};        // fp8: current P scale s_p
+    float row_sum[2] = {0.0f, 0.0f};        // this thread's share of l (units of s_p)
+    float q_scale[2] = {1.0f, 1.0f};
+    float acc[kOutTilesPerWarp][4];
+#pragma unroll
+    for (int n = 0; n < kOutTilesPerWarp; ++n)
+#pragma unroll
+      for (int c = 0; c < 4; ++c) acc[n][c] = 0.0f;
+
+    for (int page = page_begin; page < page_end; ++page) {
+      const int stage = (page - page_begin) & 1;
+      cp_async_wait<0>();
+      __syncthreads();  // this page (and Q) landed; everyone is done with the other stage
+      if (page + 1 < page_end) load_page(page + 1, stage ^ 1);
+      cp_async_commit();
+
+      const uint32_t stage_base = smem_base + Smem::kStage0 + stage * Smem::kStageBytes;
+      const float* k_scale_smem = reinterpret_cast<const float*>(smem + Smem::kStage0 + stage * Smem::kStageBytes +
+                                                                 Smem::kStageScale);
+      if constexpr (kFp8) {
+        if (page == page_begin) {
+          const float* q_scale_smem = reinterpret_cast<const float*>(smem + Smem::kQScale);
+          q_scale[0] = q_scale_smem[local_row[0]];
+          q_scale[1] = q_scale_smem[local_row[1]];
+        }
+        // V^T of this page: unit (token group g, 32 dims) per warp instruction.
+        const uint32_t vt_base = smem_base + Smem::kVt;
+        #pragma unroll 1
+        for (int unit = warp; unit < (kPageSize / 16) * (kNopeDim / 32); unit += kWarps) {
+          const int token_group = unit & 3, chunk0 = (unit >> 2) * 2;
+          const int matrix = lane >> 3;
+          const int token = token_group * 16 + (lane & 7) + 8 * (matrix & 1);
+          uint32_t r[4];
+          ldmatrix_x4_trans(r, stage_base + swizzled(token, Smem::kKRowBytes, chunk0 + (matrix >> 1)));
+          // r[0]/r[1]: tokens 2q, 2q+1 / 8+2q, 9+2q of dims (2p, 2p+1), p = lane / 4.
+          const int pair = lane >> 2;
+          const uint32_t column = token_group * 16 + 4 * quad_lane;
+#pragma unroll
+          for (int h = 0; h < 2; ++h) {
+            const int dim = (chunk0 + h) * 16 + 2 * pair;
+            st_shared_u32(vt_base + dim * Smem::kVtRowBytes + column, byte_perm(r[2 * h], r[2 * h + 1], 0x6420));
+            st_shared_u32(vt_base + (dim + 1) * Smem::kVtRowBytes + column,
+                          byte_perm(r[2 * h], r[2 * h + 1], 0x7531));
+          }
+        }
+      }
+
+      // ---- S = Q K^T for 16 rows x this warp's 16 tokens ----
+      float s[2][4];
+#pragma unroll
+      for (int t = 0; t < 2; ++t)
+#pragma unroll
+        for (int c = 0; c < 4; ++c) s[t][c] = 0.0f;
+      const int a_row = row_group * kRowsPerGroup + (lane & 15);
+      const int b_row = quarter * kTokensPerWarp + (lane & 7) + ((lane >> 4) << 3);
+      if constexpr (kFp8) {
+        // Hopper's fp8 MMA keeps fewer accumulator bits than fp32: add each
+        // 128-dim chunk into a fresh fragment and promote it to fp32.
+#pragma unroll 1
+        for (int chunk = 0; chunk < kNopeDim / 128; ++chunk) {
+          float part_s[2][4] = {};
+          qk_steps<true>(part_s, smem_base + Smem::kQ, Smem::kQRowBytes, stage_base, Smem::kKRowBytes, a_row, b_row,
+                         lane, chunk * 4, chunk * 4 + 4);
+#pragma unroll
+          for (int t = 0; t < 2; ++t)
+#pragma unroll
+            for (int c = 0; c < 4; ++c) s[t][c] += part_s[t][c];
+        }
+        qk_steps<false>(s, smem_base + Smem::kQRope, Smem::kRopeRowBytes, stage_base + Smem::kStageRope,
+                        Smem::kRopeRowBytes, a_row, b_row, lane, 0, kRopeDim * 2 / 32);
+      } else {
+        qk_steps<false>(s, smem_base + Smem::kQ, Smem::kQRowBytes, stage_base, Smem::kKRowBytes, a_row, b_row, lane,
+                        0, kHeadDim * 2 / 32);
+      }
+
+      // ---- online softmax over this page ----
+      int64_t physical_unused;
+      const int valid_tokens = page_rows(page, &physical_unused);
+      const int64_t page_token0 = static_cast<int64_t>(page) * kPageSize;
+      float x[2][4];
+      bool keep[2][4];
+      float k_scale[2][2];
+      float local_max[2] = {kNegInf, kNegInf};
+#pragma unroll
+      for (int t = 0; t < 2; ++t)
+#pragma unroll
+        for (int c = 0; c < 4; ++c) {
+          const int token = quarter * kTokensPerWarp + 8 * t + 2 * quad_lane + (c & 1);
+          const int half = c >> 1;
+          keep[t][c] = token < valid_tokens && page_token0 + token < visible[half];
+          float score = s[t][c] * p.scale_log2;
+          if constexpr (kFp8) {
+            k_scale[t][c & 1] = k_scale_smem[token];
+            score = s[t][c] * q_scale[half] * k_scale[t][c & 1] * p.scale_log2;
+          }
+          x[t][c] = keep[t][c] ? score : kNegInf;
+          local_max[half] = fmaxf(local_max[half], x[t][c]);
+        }
+#pragma unroll
+      for (int half = 0; half < 2; ++half) {
+        local_max[half] = quad_max(local_max[half]);
+        if (quad_lane == 0) red_max[local_row[half] * kWarpsPerRowGroup + quarter] = local_max[half];
+      }
+      __syncthreads();
+
+      float new_max[2], base[2];
+#pragma unroll
+      for (int half = 0; half < 2; ++half) {
+        const float4 m4 = *reinterpret_cast<const float4*>(&red_max[local_row[half] * kWarpsPerRowGroup]);
+        new_max[half] = fmaxf(fmaxf(row_max[half], fmaxf(m4.x, m4.y)), fmaxf(m4.z, m4.w));
+        base[half] = new_max[half] == kNegInf ? 0.0f : new_max[half];  // nothing seen yet: all e are 0
+      }
+      float e[2][4], e_sum[2] = {0.0f, 0.0f};
+#pragma unroll
+      for (int t = 0; t < 2; ++t)
+#pragma unroll
+        for (int c = 0; c < 4; ++c) {
+          e[t][c] = exp2f(x[t][c] - base[c >> 1]);
+          e_sum[c >> 1] += e[t][c];
+        }
+
+      float beta[2];
+      if constexpr (kFp8) {
+        // Fold the V scale into P, then one e4m3 scale per (row, page).
+        float f[2][4], f_max[2] = {0.0f, 0.0f};
+#pragma unroll
+        for (int t = 0; t < 2; ++t)
+#pragma unroll
+          for (int c = 0; c < 4; ++c) {
+            f[t][c] = keep[t][c] ? e[t][c] * k_scale[t][c & 1] : 0.0f;
+            f_max[c >> 1] = fmaxf(f_max[c >> 1], f[t][c]);
+          }
+#pragma unroll
+        for (int half = 0; half < 2; ++half) {
+          f_max[half] = quad_max(f_max[half]);
+          if (quad_lane == 0) red_aux[local_row[half] * kWarpsPerRowGroup + quarter] = f_max[half];
+        }
+        __syncthreads();
+        uint8_t* p_smem = smem + Smem::kP;
+#pragma unroll
+        for (int half = 0; half < 2; ++half) {
+          const float4 f4 = *reinterpret_cast<const float4*>(&red_aux[local_row[half] * kWarpsPerRowGroup]);
+          const float page_f_max = fmaxf(fmaxf(f4.x, f4.y), fmaxf(f4.z, f4.w));
+          const float new_scale = page_f_max > 0.0f ? page_f_max / kE4M3Max : 1.0f;
+          beta[half] = row_max[half] == kNegInf ? 0.0f
+                                                : exp2f(row_max[half] - new_max[half]) * p_scale[half] / new_scale;
+          row_sum[half] = row_sum[half] * beta[half] + e_sum[half] / new_scale;
+          p_scale[half] = new_scale;
+          const int c0 = 2 * half;
+          const uint32_t lo = token_quant::e4m3x2_bits(__fdiv_rn(f[0][c0], new_scale), __fdiv_rn(f[0][c0 + 1], new_scale));
+          const uint32_t hi = token_quant::e4m3x2_bits(__fdiv_rn(f[1][c0], new_scale), __fdiv_rn(f[1][c0 + 1], new_scale));
+          // Reduction-axis order of the V^T tile: this thread's tokens
+          // {2q, 2q+1, 8+2q, 9+2q} of the warp's group are columns 4q..4q+3.
+          *reinterpret_cast<uint32_t*>(p_smem + local_row[half] * Smem::kPRowBytes + quarter * kTokensPerWarp +
+                                       4 * quad_lane) = lo | (hi << 16);
+        }
+      } else {
+        uint8_t* p_smem = smem + Smem::kP;
+#pragma unroll
+        for (int half = 0; half < 2; ++half) {
+          beta[half] = row_max[half] == kNegInf ? 0.0f : exp2f(row_max[half] - new_max[half]);
+          row_sum[half] = row_sum[half] * beta[half] + e_sum[half];
+          const int c0 = 2 * half;
+#pragma unroll
+          for (int t = 0; t < 2; ++t) {
+            const int token = quarter * kTokensPerWarp + 8 * t + 2 * quad_lane;
+            *reinterpret_cast<uint32_t*>(p_smem + local_row[half] * Smem::kPRowBytes + token * 2) =
+                token_quant::bf16x2_bits(e[t][c0], e[t][c0 + 1]);
+          }
+        }
+      }
+      row_max[0] = new_max[0];
+      row_max[1] = new_max[1];
+      __syncthreads();  // P (and V^T) complete
+
+      // ---- O = O * beta + P V for 16 rows x this warp's 128 dims ----
+      const uint32_t p_base = smem_base + Smem::kP;
+      const int p_row = row_group * kRowsPerGroup + (lane & 15);
+      const int p_half = lane >> 4;
+      if constexpr (kFp8) {
+        uint32_t a[2][4];
+#pragma unroll
+        for (int k = 0; k < 2; ++k) ldmatrix_x4(a[k], p_base + p_row * Smem::kPRowBytes + 32 * k + 16 * p_half);
+        const uint32_t vt_base = smem_base + Smem::kVt;
+        const int vt_row = quarter * kDimsPerWarp + (lane & 7) + ((lane >> 4) << 3);
+        const int vt_half = (lane >> 3) & 1;
+#pragma unroll
+        for (int j = 0; j < kOutTilesPerWarp / 2; ++j) {
+          float part0[4] = {}, part1[4] = {};
+#pragma unroll
+          for (int k = 0; k < 2; ++k) {
+            uint32_t b[4];
+            ldmatrix_x4(b, vt_base + (vt_row + 16 * j) * Smem::kVtRowBytes + 32 * k + 16 * vt_half);
+            mma_e4m3_16x8x32(part0, a[k], b[0], b[1]);
+            mma_e4m3_16x8x32(part1, a[k], b[2], b[3]);
+          }
+          // Promote this page's product to fp32 (see QK above).
+#pragma unroll
+          for (int c = 0; c < 4; ++c) {
+            acc[2 * j][c] = fmaf(acc[2 * j][c], beta[c >> 1], part0[c]);
+            acc[2 * j + 1][c] = fmaf(acc[2 * j + 1][c], beta[c >> 1], part1[c]);
+          }
+        }
+      } else {
+        uint32_t a[4][4];
+#pragma unroll
+        for (int k = 0; k < 4; ++k) ldmatrix_x4(a[k], p_base + p_row * Smem::kPRowBytes + 32 * k + 16 * p_half);
+#pragma unroll
+        for (int n = 0; n < kOutTilesPerWarp; ++n)
+#pragma unroll
+          for (int c = 0; c < 4; ++c) acc[n][c] *= beta[c >> 1];
+        const int v_token = (lane & 7) + (((lane >> 3) & 1) << 3);
+        const int v_chunk_half = lane >> 4;
+#pragma unroll
+        for (int j = 0; j < kOutTilesPerWarp / 2; ++j) {
+          const int chunk = quarter * (kDimsPerWarp / 8) + 2 * j + v_chunk_half;
+#pragma unroll
+          for (int k = 0; k < 4; ++k) {
+            uint32_t b[4];
+            ldmatrix_x4_trans(b, stage_base + swizzled(16 * k + v_token, Smem::kKRowBytes, chunk));
+            mma_bf16_16x8x16(acc[2 * j], a[k], b[0], b[1]);
+            mma_bf16_16x8x16(acc[2 * j + 1], a[k], b[2], b[3]);
+          }
+        }
+      }
+    }
+    cp_async_wait<0>();  // nothing may land in a stage after the next sequence reuses it
+
+    // ---- epilogue: l over the 4 warps, then out / lse or the split's partials ----
+#pragma unroll
+    for (int half = 0; half < 2; ++half) {
+      const float quad_total = quad_sum(row_sum[half]);
+      if (quad_lane == 0) red_aux[local_row[half] * kWarpsPerRowGroup + quarter] = quad_total;
+    }
+    __syncthreads();
+    const bool direct = split_count <= 1;
+    const int64_t split_index = static_cast<int64_t>(p.num_splits[batch]) + split;
+#pragma unroll
+    for (int half = 0; half < 2; ++half) {
+      const int r = global_row[half];
+      const float4 l4 = *reinterpret_cast<const float4*>(&red_aux[local_row[half] * kWarpsPerRowGroup]);
+      const float l = (l4.x + l4.y) + (l4.z + l4.w);
+      const float inv_l = l > 0.0f ? 1.0f / l : 0.0f;
+      const float lse2 = l > 0.0f ? row_max[half] + log2f(l * p_scale[half]) : kNegInf;
+      if (r >= p.rows) continue;
+      const int i = r / p.h_q, h = r % p.h_q;
+      const int c0 = 2 * half;
+      if (direct) {
+        uint16_t* out_row = p.out + (batch_row0 + r) * kHeadDimV + quarter * kDimsPerWarp + 2 * quad_lane;
+#pragma unroll
+        for (int n = 0; n < kOutTilesPerWarp; ++n)
+          *reinterpret_cast<uint32_t*>(out_row + 8 * n) =
+              token_quant::bf16x2_bits(acc[n][c0] * inv_l, acc[n][c0 + 1] * inv_l);
+        if (quarter == 0 && quad_lane == 0)
+          p.lse[(static_cast<int64_t>(batch) * p.h_q + h) * p.s_q + i] = lse2 * 0.69314718055994531f;
+      } else {
+        float* out_row =
+            p.partial_out + (split_index * p.rows + r) * kHeadDimV + quarter * kDimsPerWarp + 2 * quad_lane;
+#pragma unroll
+        for (int n = 0; n < kOutTilesPerWarp; ++n)
+          *reinterpret_cast<float2*>(out_row + 8 * n) = make_float2(acc[n][c0] * inv_l, acc[n][c0 + 1] * inv_l);
+        if (quarter == 0 && quad_lane == 0) p.partial_lse2[split_index * p.rows + r] = lse2;
+      }
+    }
+  }
+}
+
+}  // namespace snapmla::cuda::sm90
