@@ -36,6 +36,18 @@ def is_cuda(x) -> bool:
     return is_torch(x) and x.is_cuda
 
 
+_to_dlpack = None
+
+
+def _torch_to_dlpack():
+    global _to_dlpack
+    if _to_dlpack is None:
+        from torch.utils.dlpack import to_dlpack
+
+        _to_dlpack = to_dlpack
+    return _to_dlpack
+
+
 def argument_error(name: str, message: str) -> str:
     return f"snapmla: argument '{name}': {message}"
 
@@ -56,6 +68,10 @@ def as_array(x, name: str, role: str | None = None):
             reinterpret = FP8
         elif x.dtype == torch.uint8 and role == FP8:
             reinterpret = FP8  # SGLang keeps its fp8 pool as uint8
+        # A capsule from to_dlpack, not Tensor.__dlpack__: some torch versions make
+        # __dlpack__() without a stream argument order the default stream after the
+        # current one, which breaks CUDA-graph capture; to_dlpack never touches streams.
+        x = _torch_to_dlpack()(x)
     elif isinstance(x, np.ndarray):
         kind = x.dtype.name
         if kind == "bfloat16":

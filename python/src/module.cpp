@@ -177,15 +177,20 @@ Device device_of(const std::string& type, int index) {
 NB_MODULE(_C, m) {
   m.doc() = "snapmla native extension (use the `snapmla` package, not this module)";
 
-  // snapmla::Error names the argument in its message; dtype mismatches are
-  // TypeErrors in Python's vocabulary, everything else a ValueError.
+  // snapmla::Error about an argument: a dtype mismatch is a TypeError in
+  // Python's vocabulary, anything else a ValueError. Errors about no argument
+  // (a CUDA failure, no CUDA in this build) are RuntimeErrors.
   nb::register_exception_translator([](const std::exception_ptr& p, void*) {
     try {
       std::rethrow_exception(p);
     } catch (const snapmla::Error& e) {
       const std::string message = e.what();
-      PyErr_SetString(message.find("expected dtype") != std::string::npos ? PyExc_TypeError : PyExc_ValueError,
-                      message.c_str());
+      PyObject* type = PyExc_ValueError;
+      if (e.argument().empty())
+        type = PyExc_RuntimeError;
+      else if (message.find("expected dtype") != std::string::npos)
+        type = PyExc_TypeError;
+      PyErr_SetString(type, message.c_str());
     }
   });
 

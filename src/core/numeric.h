@@ -80,8 +80,12 @@ SNAPMLA_HD float e4m3_bits_to_float(uint8_t b) {
 SNAPMLA_HD float round_to_e4m3(float x) { return e4m3_bits_to_float(float_to_e4m3_bits(x)); }
 
 // ---- the per-token (and per query row) scale of the fp8 format ----
-// scale = amax / 448, and 1 for an all-zero vector (no division by zero).
-SNAPMLA_HD float fp8_scale_from_amax(float amax) { return amax > 0.0f ? amax / 448.0f : 1.0f; }
+// scale = amax / 448, and 1 for an all-zero vector (no division by zero). The
+// scale never goes below the smallest normal float, so values / scale stay
+// finite even for vectors of subnormal floats.
+SNAPMLA_HD float fp8_scale_from_amax(float amax) {
+  return amax > 0.0f ? fmaxf(amax / 448.0f, 1.17549435e-38f) : 1.0f;
+}
 
 SNAPMLA_HD bool is_finite_float(float x) { return (float_bits(x) & 0x7f800000u) != 0x7f800000u; }
 

@@ -2,6 +2,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <map>
 #include <string>
 
 #include "core/numeric.h"
@@ -23,6 +24,27 @@ void round_to_bf16_in_place(double* v, int n) {
 void fp8_in_place(double* v, int64_t n, float scale) {
   for (int64_t i = 0; i < n; ++i) v[i] = fp8_round_trip(v[i], scale);
 }
+
+// With a fixed scale, the e4m3 round trip of a bf16-representable value (the
+// kernels' inputs are bf16) depends only on its 16 bits: tabulate it, so a
+// whole cache is quantized at table-lookup speed. Same results as
+// fp8_round_trip (it fills the table); other values take the direct path.
+class Bf16RoundTripTable {
+ public:
+  explicit Bf16RoundTripTable(float scale) : scale_(scale), table_(1u << 16) {
+    for (uint32_t bits = 0; bits < table_.size(); ++bits)
+      table_[bits] = fp8_round_trip(bf16_bits_to_float(static_cast<uint16_t>(bits)), scale);
+  }
+  double operator()(double x) const {
+    const float f = static_cast<float>(x);
+    const uint16_t bits = float_to_bf16_bits(f);
+    return bf16_bits_to_float(bits) == x ? table_[bits] : fp8_round_trip(x, scale_);
+  }
+
+ private:
+  float scale_;
+  std::vector<double> table_;
+};
 
 }  // namespace
 
@@ -87,8 +109,24 @@ void fake_quantize(Scheme scheme, std::vector<std::vector<double>>& keys) {
   if (scheme == Scheme::kFp8PerTensor) {
     float amax = 0.0f;
     for (const auto& seq : keys) amax = std::max(amax, amax_of(seq.data(), static_cast<int64_t>(seq.size())));
-    const float scale = fp8_scale_from_amax(amax);
-    for (auto& seq : keys) fp8_in_place(seq.data(), static_cast<int64_t>(seq.size()), scale);
+    const Bf16RoundTripTable round_trip(fp8_scale_from_amax(amax));
+    for (auto& seq : keys)
+      for (double& x : seq) x = round_trip(x);
+    return;
+  }
+  if (scheme == Scheme::kFp8PerTilePow2) {
+    // Tile scales are powers of two, so only a few dozen distinct ones occur.
+    std::map<float, Bf16RoundTripTable> tables;
+    for (auto& seq : keys)
+      for (size_t t = 0; t + kHeadDim <= seq.size(); t += kHeadDim) {
+        for (int tile = 0; tile < kNopeDim / 128; ++tile) {
+          double* v = &seq[t + tile * 128];
+          const float scale = pow2_scale_from_amax(amax_of(v, 128));
+          const Bf16RoundTripTable& round_trip = tables.try_emplace(scale, scale).first->second;
+          for (int i = 0; i < 128; ++i) v[i] = round_trip(v[i]);
+        }
+        round_to_bf16_in_place(&seq[t + kNopeDim], kRopeDim);
+      }
     return;
   }
   for (auto& seq : keys)

@@ -226,6 +226,26 @@ TEST(CacheSchemes, SchemesAreWhatTheyClaim) {
   EXPECT_STREQ(schemes::scheme_name(Scheme::kFp8PerToken576), "fp8-per-token-576");
 }
 
+TEST(CacheSchemes, WholeCacheAndPerTokenFormsAgree) {
+  // fake_quantize takes a table-lookup path over whole caches; it must give
+  // exactly what the per-token form gives, token by token.
+  std::mt19937_64 rng(17);
+  std::vector<double> keys = random_tokens(rng, 40, 0.2, 5.0);
+  for (int t = 0; t < 40; t += 3)
+    for (int d = 0; d < kHeadDim; ++d) keys[t * kHeadDim + d] = round_to_bf16(static_cast<float>(keys[t * kHeadDim + d] * 1e3));
+  keys[5] = 0.1;  // not bf16-representable: the direct path
+  for (Scheme scheme : {Scheme::kBF16, Scheme::kFp8PerToken576, Scheme::kFp8PerTilePow2}) {
+    std::vector<std::vector<double>> cache = {keys};
+    schemes::fake_quantize(scheme, cache);
+    for (int t = 0; t < 40; ++t) {
+      std::vector<double> token(keys.begin() + t * kHeadDim, keys.begin() + (t + 1) * kHeadDim);
+      schemes::fake_quantize_token(scheme, token.data());
+      for (int d = 0; d < kHeadDim; ++d)
+        ASSERT_EQ(cache[0][t * kHeadDim + d], token[d]) << schemes::scheme_name(scheme) << " token " << t << " dim " << d;
+    }
+  }
+}
+
 TEST(CacheSchemes, BadArgumentsNameTheArgument) {
   std::vector<double> token(kHeadDim, 0.5);
   try {

@@ -616,9 +616,15 @@ TEST_P(QuantizeQueryTest, MatchesCpuBackendByteForByte) {
   expect_same_bytes(d_rope.download(), want_rope, kRopeDim * 2, "q_rope");
 }
 
+std::string query_name(const ::testing::TestParamInfo<QueryParam>& info) {
+  const auto [b, s, h] = info.param;
+  return "b" + std::to_string(b) + "_sq" + std::to_string(s) + "_h" + std::to_string(h);
+}
+
 INSTANTIATE_TEST_SUITE_P(Shapes, QuantizeQueryTest,
                          ::testing::Values(QueryParam{1, 1, 1}, QueryParam{2, 1, 16}, QueryParam{3, 2, 128},
-                                           QueryParam{64, 4, 128}));
+                                           QueryParam{64, 4, 128}),
+                         query_name);
 
 // ---------------------------------------------------------------------------
 // The hardware converters the kernels use against the software definitions

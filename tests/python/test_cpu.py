@@ -461,3 +461,20 @@ def test_kv_cache_bytes_per_page():
     fp8 = snapmla.allocate_kv_cache(3, "fp8")
     assert sum(t.nbytes for t in fp8) == 3 * snapmla.kv_cache_bytes_per_page("fp8")
     assert snapmla.allocate_kv_cache(3, "bf16").nbytes == 3 * snapmla.kv_cache_bytes_per_page("bf16")
+
+
+def test_numpy_ml_dtypes_arrays_are_accepted():
+    ml_dtypes = pytest.importorskip("ml_dtypes")
+    gen = np.random.default_rng(3)
+    keys = gen.standard_normal((64, 576)).astype(ml_dtypes.bfloat16)
+    cache = snapmla.allocate_kv_cache(1, "fp8")
+    snapmla.write_kv_cache(keys[:, :512], keys[:, 512:], np.arange(64, dtype=np.int32), cache)
+    q = gen.standard_normal((1, 1, 8, 576)).astype(ml_dtypes.bfloat16)
+    seqlens = np.array([64], np.int32)
+    metadata, num_splits = snapmla.get_mla_metadata(seqlens, 8)
+    out, _ = snapmla.flash_mla_with_kvcache(q, cache, np.zeros((1, 1), np.int32), seqlens, 512, metadata, num_splits)
+    assert out.dtype == ml_dtypes.bfloat16  # outputs keep the caller's bfloat16 type
+    scores = q[0, 0].astype(np.float64) @ keys.astype(np.float64).T * 576**-0.5
+    p = np.exp(scores - scores.max(-1, keepdims=True))
+    ref = (p / p.sum(-1, keepdims=True)) @ keys.astype(np.float64)[:, :512]
+    assert rel_l2(out[0, 0].astype(np.float64), ref) < 5e-2  # fp8 cache: the port's bar

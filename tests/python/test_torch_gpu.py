@@ -145,21 +145,6 @@ def test_decode_matches_float64_reference(kv_format, seqlens, s_q, h_q, causal):
     assert torch.all(out[cache_seqlens == 0] == 0)
 
 
-def test_torch_cpu_tensors_use_the_cpu_backend():
-    gen = torch.Generator().manual_seed(3)
-    cache = snapmla.allocate_kv_cache(2, "bf16", device="cpu")
-    keys = torch.randn(100, 576, generator=gen)
-    snapmla.write_kv_cache(keys[:, :512], keys[:, 512:], torch.arange(100, dtype=torch.int32), cache)
-    q = torch.randn(1, 1, 8, 576, generator=gen).bfloat16()
-    seqlens = torch.tensor([100], dtype=torch.int32)
-    metadata, num_splits = snapmla.get_mla_metadata(seqlens, 8)
-    out, lse = snapmla.flash_mla_with_kvcache(q, cache, torch.tensor([[0, 1]], dtype=torch.int32), seqlens, 512,
-                                              metadata, num_splits)
-    assert out.device.type == "cpu" and out.dtype == torch.bfloat16
-    ref_out, _ = reference_decode(q, [keys.bfloat16().float()], 576**-0.5, False)
-    assert rel_l2(out, ref_out) < 8e-3
-
-
 @pytest.mark.parametrize("kv_format", ["bf16", "fp8"])
 def test_decode_loop_appends_one_token_per_step(kv_format):
     """A serving loop: write each new token with write_kv_cache, then decode, every step."""

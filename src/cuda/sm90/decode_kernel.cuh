@@ -136,12 +136,9 @@ __global__ void __launch_bounds__(kRowGroups * kWarpsPerRowGroup * 32, 1)
   const int tile_row0 = blockIdx.x * kRows;
 
   // Tile-local rows of this thread's accumulator fragments.
-  int local_row[2], global_row[2];
-#pragma unroll
-  for (int half = 0; half < 2; ++half) {
-    local_row[half] = row_group * kRowsPerGroup + group_row + 8 * half;
-    global_row[half] = tile_row0 + local_row[half];
-  }
+  // (Kept few on purpose: with 4 row groups a thread has 128 registers, 64 of
+  // them the O accumulator; anything cheap is recomputed where it is used.)
+  const int local_row[2] = {row_group * kRowsPerGroup + group_row, row_group * kRowsPerGroup + group_row + 8};
 
   float* red_max = reinterpret_cast<float*>(smem + Smem::kRedMax);
   float* red_aux = reinterpret_cast<float*>(smem + Smem::kRedAux);
@@ -152,8 +149,6 @@ __global__ void __launch_bounds__(kRowGroups * kWarpsPerRowGroup * 32, 1)
     const int s_k = max(p.cache_seqlens[batch], 0);
     const int page_begin = batch == part.begin_batch ? part.begin_page : 0;
     const int page_end = batch == part.end_batch ? part.end_page : pages_for_tokens(s_k);
-    const int split = batch == part.begin_batch ? part.first_split : 0;
-    const int split_count = p.num_splits[batch + 1] - p.num_splits[batch];
 
     // Number of valid tokens of logical page `page` (0 for a page index outside
     // the pool, which is then never read), and where its rows start.
@@ -202,12 +197,12 @@ __global__ void __launch_bounds__(kRowGroups * kWarpsPerRowGroup * 32, 1)
           cp_async_16(stage_base + Smem::kStageRope + swizzled(row, Smem::kRopeRowBytes, chunk),
                       valid ? rope_page + row * kRopeDim * 2 + chunk * 16 : rope_page, valid);
         }
-        // 4 token scales per chunk; a chunk past the valid rows is zeroed (the
-        // garbage of a partly valid chunk is never used: masked tokens select 0).
-        const uint8_t* scale_page = reinterpret_cast<const uint8_t*>(p.kv_scale + physical * kPageSize);
-        if (tid < kPageSize / 4) {
-          const bool valid = tid * 4 < valid_rows;
-          cp_async_16(stage_base + Smem::kStageScale + tid * 16, valid ? scale_page + tid * 16 : scale_page, valid);
+        // One 4-byte copy per token so that masked tokens get scale 0: their
+        // f = e * scale must be 0 even where the cache slot holds garbage.
+        const float* scale_page = p.kv_scale + physical * kPageSize;
+        if (tid < kPageSize) {
+          const bool valid = tid < valid_rows;
+          cp_async_4(stage_base + Smem::kStageScale + tid * 4, valid ? scale_page + tid : scale_page, valid);
         }
       }
     };
@@ -283,19 +278,19 @@ __global__ void __launch_bounds__(kRowGroups * kWarpsPerRowGroup * 32, 1)
     cp_async_commit();
 
     // ---- per-row state ----
-    int64_t visible[2];
+    int visible[2];
 #pragma unroll
     for (int half = 0; half < 2; ++half) {
-      const int r = global_row[half];
+      const int r = tile_row0 + local_row[half];
       // Causal MTP: query i of s_q sees the first s_k - s_q + i + 1 tokens.
-      const int64_t causal_limit = static_cast<int64_t>(s_k) - p.s_q + r / p.h_q + 1;
-      const int64_t limit = p.causal ? max(int64_t{0}, min(causal_limit, static_cast<int64_t>(s_k))) : s_k;
+      const int limit = p.causal ? max(0, min(s_k - p.s_q + r / p.h_q + 1, s_k)) : s_k;
       visible[half] = r < p.rows ? limit : 0;
     }
     float row_max[2] = {kNegInf, kNegInf};  // m, log2 units
     float p_scale[2] = {1.0f, 1.0f};        // fp8: current P scale s_p
     float row_sum[2] = {0.0f, 0.0f};        // this thread's share of l (units of s_p)
-    float q_scale[2] = {1.0f, 1.0f};
+    // Score multiplier of each row: softmax_scale * log2(e), times the query scale (fp8).
+    float row_scale[2] = {p.scale_log2, p.scale_log2};
     float acc[kOutTilesPerWarp][4];
 #pragma unroll
     for (int n = 0; n < kOutTilesPerWarp; ++n)
@@ -315,8 +310,8 @@ __global__ void __launch_bounds__(kRowGroups * kWarpsPerRowGroup * 32, 1)
       if constexpr (kFp8) {
         if (page == page_begin) {
           const float* q_scale_smem = reinterpret_cast<const float*>(smem + Smem::kQScale);
-          q_scale[0] = q_scale_smem[local_row[0]];
-          q_scale[1] = q_scale_smem[local_row[1]];
+          row_scale[0] = q_scale_smem[local_row[0]] * p.scale_log2;
+          row_scale[1] = q_scale_smem[local_row[1]] * p.scale_log2;
         }
         // V^T of this page: unit (token group g, 32 dims) per warp instruction.
         const uint32_t vt_base = smem_base + Smem::kVt;
@@ -368,13 +363,10 @@ __global__ void __launch_bounds__(kRowGroups * kWarpsPerRowGroup * 32, 1)
                         0, kHeadDim * 2 / 32);
       }
 
-      // ---- online softmax over this page ----
+      // ---- online softmax over this page (x, e, f computed in place in s) ----
       int64_t physical_unused;
       const int valid_tokens = page_rows(page, &physical_unused);
-      const int64_t page_token0 = static_cast<int64_t>(page) * kPageSize;
-      float x[2][4];
-      bool keep[2][4];
-      float k_scale[2][2];
+      const int page_token0 = page * kPageSize;
       float local_max[2] = {kNegInf, kNegInf};
 #pragma unroll
       for (int t = 0; t < 2; ++t)
@@ -382,14 +374,11 @@ __global__ void __launch_bounds__(kRowGroups * kWarpsPerRowGroup * 32, 1)
         for (int c = 0; c < 4; ++c) {
           const int token = quarter * kTokensPerWarp + 8 * t + 2 * quad_lane + (c & 1);
           const int half = c >> 1;
-          keep[t][c] = token < valid_tokens && page_token0 + token < visible[half];
-          float score = s[t][c] * p.scale_log2;
-          if constexpr (kFp8) {
-            k_scale[t][c & 1] = k_scale_smem[token];
-            score = s[t][c] * q_scale[half] * k_scale[t][c & 1] * p.scale_log2;
-          }
-          x[t][c] = keep[t][c] ? score : kNegInf;
-          local_max[half] = fmaxf(local_max[half], x[t][c]);
+          const bool keep = token < valid_tokens && page_token0 + token < visible[half];
+          float score = s[t][c] * row_scale[half];
+          if constexpr (kFp8) score *= k_scale_smem[token];
+          s[t][c] = keep ? score : kNegInf;
+          local_max[half] = fmaxf(local_max[half], s[t][c]);
         }
 #pragma unroll
       for (int half = 0; half < 2; ++half) {
@@ -398,32 +387,34 @@ __global__ void __launch_bounds__(kRowGroups * kWarpsPerRowGroup * 32, 1)
       }
       __syncthreads();
 
-      float new_max[2], base[2];
+      float new_max[2], e_sum[2] = {0.0f, 0.0f};
 #pragma unroll
       for (int half = 0; half < 2; ++half) {
         const float4 m4 = *reinterpret_cast<const float4*>(&red_max[local_row[half] * kWarpsPerRowGroup]);
         new_max[half] = fmaxf(fmaxf(row_max[half], fmaxf(m4.x, m4.y)), fmaxf(m4.z, m4.w));
-        base[half] = new_max[half] == kNegInf ? 0.0f : new_max[half];  // nothing seen yet: all e are 0
       }
-      float e[2][4], e_sum[2] = {0.0f, 0.0f};
 #pragma unroll
       for (int t = 0; t < 2; ++t)
 #pragma unroll
         for (int c = 0; c < 4; ++c) {
-          e[t][c] = exp2f(x[t][c] - base[c >> 1]);
-          e_sum[c >> 1] += e[t][c];
+          // Nothing seen yet (m = -inf): every x is -inf and e = 0, without -inf - -inf.
+          const float base = new_max[c >> 1] == kNegInf ? 0.0f : new_max[c >> 1];
+          s[t][c] = exp2f(s[t][c] - base);
+          e_sum[c >> 1] += s[t][c];
         }
 
       float beta[2];
       if constexpr (kFp8) {
-        // Fold the V scale into P, then one e4m3 scale per (row, page).
-        float f[2][4], f_max[2] = {0.0f, 0.0f};
+        // Fold the V scale into P (masked tokens: e = 0, and their scale was
+        // zero-filled), then one e4m3 scale per (row, page).
+        float f_max[2] = {0.0f, 0.0f};
 #pragma unroll
         for (int t = 0; t < 2; ++t)
 #pragma unroll
           for (int c = 0; c < 4; ++c) {
-            f[t][c] = keep[t][c] ? e[t][c] * k_scale[t][c & 1] : 0.0f;
-            f_max[c >> 1] = fmaxf(f_max[c >> 1], f[t][c]);
+            const int token = quarter * kTokensPerWarp + 8 * t + 2 * quad_lane + (c & 1);
+            s[t][c] *= k_scale_smem[token];
+            f_max[c >> 1] = fmaxf(f_max[c >> 1], s[t][c]);
           }
 #pragma unroll
         for (int half = 0; half < 2; ++half) {
@@ -436,14 +427,16 @@ __global__ void __launch_bounds__(kRowGroups * kWarpsPerRowGroup * 32, 1)
         for (int half = 0; half < 2; ++half) {
           const float4 f4 = *reinterpret_cast<const float4*>(&red_aux[local_row[half] * kWarpsPerRowGroup]);
           const float page_f_max = fmaxf(fmaxf(f4.x, f4.y), fmaxf(f4.z, f4.w));
-          const float new_scale = page_f_max > 0.0f ? page_f_max / kE4M3Max : 1.0f;
+          const bool any = page_f_max > 0.0f;
+          const float new_scale = any ? page_f_max / kE4M3Max : 1.0f;
+          const float inv_scale = any ? kE4M3Max / page_f_max : 1.0f;
           beta[half] = row_max[half] == kNegInf ? 0.0f
-                                                : exp2f(row_max[half] - new_max[half]) * p_scale[half] / new_scale;
-          row_sum[half] = row_sum[half] * beta[half] + e_sum[half] / new_scale;
+                                                : exp2f(row_max[half] - new_max[half]) * (p_scale[half] * inv_scale);
+          row_sum[half] = fmaf(row_sum[half], beta[half], e_sum[half] * inv_scale);
           p_scale[half] = new_scale;
           const int c0 = 2 * half;
-          const uint32_t lo = token_quant::e4m3x2_bits(__fdiv_rn(f[0][c0], new_scale), __fdiv_rn(f[0][c0 + 1], new_scale));
-          const uint32_t hi = token_quant::e4m3x2_bits(__fdiv_rn(f[1][c0], new_scale), __fdiv_rn(f[1][c0 + 1], new_scale));
+          const uint32_t lo = token_quant::e4m3x2_bits(s[0][c0] * inv_scale, s[0][c0 + 1] * inv_scale);
+          const uint32_t hi = token_quant::e4m3x2_bits(s[1][c0] * inv_scale, s[1][c0 + 1] * inv_scale);
           // Reduction-axis order of the V^T tile: this thread's tokens
           // {2q, 2q+1, 8+2q, 9+2q} of the warp's group are columns 4q..4q+3.
           *reinterpret_cast<uint32_t*>(p_smem + local_row[half] * Smem::kPRowBytes + quarter * kTokensPerWarp +
@@ -454,13 +447,13 @@ __global__ void __launch_bounds__(kRowGroups * kWarpsPerRowGroup * 32, 1)
 #pragma unroll
         for (int half = 0; half < 2; ++half) {
           beta[half] = row_max[half] == kNegInf ? 0.0f : exp2f(row_max[half] - new_max[half]);
-          row_sum[half] = row_sum[half] * beta[half] + e_sum[half];
+          row_sum[half] = fmaf(row_sum[half], beta[half], e_sum[half]);
           const int c0 = 2 * half;
 #pragma unroll
           for (int t = 0; t < 2; ++t) {
             const int token = quarter * kTokensPerWarp + 8 * t + 2 * quad_lane;
             *reinterpret_cast<uint32_t*>(p_smem + local_row[half] * Smem::kPRowBytes + token * 2) =
-                token_quant::bf16x2_bits(e[t][c0], e[t][c0 + 1]);
+                token_quant::bf16x2_bits(s[t][c0], s[t][c0 + 1]);
           }
         }
       }
@@ -476,25 +469,20 @@ __global__ void __launch_bounds__(kRowGroups * kWarpsPerRowGroup * 32, 1)
         uint32_t a[2][4];
 #pragma unroll
         for (int k = 0; k < 2; ++k) ldmatrix_x4(a[k], p_base + p_row * Smem::kPRowBytes + 32 * k + 16 * p_half);
-        const uint32_t vt_base = smem_base + Smem::kVt;
-        const int vt_row = quarter * kDimsPerWarp + (lane & 7) + ((lane >> 4) << 3);
-        const int vt_half = (lane >> 3) & 1;
+        // One ldmatrix gives both k steps of one n8 tile: matrices 0..3 are
+        // the tile's 8 dims x token bytes [0,16), [16,32), [32,48), [48,64).
+        const uint32_t vt_lane = smem_base + Smem::kVt +
+                                 (quarter * kDimsPerWarp + (lane & 7)) * Smem::kVtRowBytes + 16 * (lane >> 3);
 #pragma unroll
-        for (int j = 0; j < kOutTilesPerWarp / 2; ++j) {
-          float part0[4] = {}, part1[4] = {};
-#pragma unroll
-          for (int k = 0; k < 2; ++k) {
-            uint32_t b[4];
-            ldmatrix_x4(b, vt_base + (vt_row + 16 * j) * Smem::kVtRowBytes + 32 * k + 16 * vt_half);
-            mma_e4m3_16x8x32(part0, a[k], b[0], b[1]);
-            mma_e4m3_16x8x32(part1, a[k], b[2], b[3]);
-          }
+        for (int n = 0; n < kOutTilesPerWarp; ++n) {
+          uint32_t b[4];
+          ldmatrix_x4(b, vt_lane + 8 * n * Smem::kVtRowBytes);
+          float page_product[4] = {};
+          mma_e4m3_16x8x32(page_product, a[0], b[0], b[1]);
+          mma_e4m3_16x8x32(page_product, a[1], b[2], b[3]);
           // Promote this page's product to fp32 (see QK above).
 #pragma unroll
-          for (int c = 0; c < 4; ++c) {
-            acc[2 * j][c] = fmaf(acc[2 * j][c], beta[c >> 1], part0[c]);
-            acc[2 * j + 1][c] = fmaf(acc[2 * j + 1][c], beta[c >> 1], part1[c]);
-          }
+          for (int c = 0; c < 4; ++c) acc[n][c] = fmaf(acc[n][c], beta[c >> 1], page_product[c]);
         }
       } else {
         uint32_t a[4][4];
@@ -528,11 +516,12 @@ __global__ void __launch_bounds__(kRowGroups * kWarpsPerRowGroup * 32, 1)
       if (quad_lane == 0) red_aux[local_row[half] * kWarpsPerRowGroup + quarter] = quad_total;
     }
     __syncthreads();
-    const bool direct = split_count <= 1;
+    const bool direct = p.num_splits[batch + 1] - p.num_splits[batch] <= 1;
+    const int split = batch == part.begin_batch ? part.first_split : 0;
     const int64_t split_index = static_cast<int64_t>(p.num_splits[batch]) + split;
 #pragma unroll
     for (int half = 0; half < 2; ++half) {
-      const int r = global_row[half];
+      const int r = tile_row0 + local_row[half];
       const float4 l4 = *reinterpret_cast<const float4*>(&red_aux[local_row[half] * kWarpsPerRowGroup]);
       const float l = (l4.x + l4.y) + (l4.z + l4.w);
       const float inv_l = l > 0.0f ? 1.0f / l : 0.0f;
@@ -541,7 +530,7 @@ __global__ void __launch_bounds__(kRowGroups * kWarpsPerRowGroup * 32, 1)
       const int i = r / p.h_q, h = r % p.h_q;
       const int c0 = 2 * half;
       if (direct) {
-        uint16_t* out_row = p.out + (batch_row0 + r) * kHeadDimV + quarter * kDimsPerWarp + 2 * quad_lane;
+        uint16_t* out_row = p.out + (static_cast<int64_t>(batch) * p.rows + r) * kHeadDimV + quarter * kDimsPerWarp + 2 * quad_lane;
 #pragma unroll
         for (int n = 0; n < kOutTilesPerWarp; ++n)
           *reinterpret_cast<uint32_t*>(out_row + 8 * n) =

@@ -1,13 +1,14 @@
-// Per-row fp8 quantization shared by the KV-cache write and the query
-// quantization: amax over the 512 NoPE values -> scale = fp8_scale_from_amax
-// -> e4m3(nope / scale) and bf16(rope / scale). One warp owns one row; the
-// layout of a row across the warp is fixed here so both callers agree:
+// Shared by the sm90 cache write, gather and query quantization: the
+// per-row fp8 quantization (amax over the 512 NoPE values -> scale =
+// fp8_scale_from_amax -> e4m3(nope / scale) and bf16(rope / scale)), the
+// paged-cache addressing of a slot, and the 16-byte access helpers.
+// One warp owns one row; the lane layout is fixed here so all callers agree:
 //   lane l holds NoPE values [16 l, 16 l + 16)  (one 16-byte e4m3 store)
 //   lanes 0..7 hold RoPE values [8 l, 8 l + 8)   (one 16-byte bf16 store)
-// The results are byte-identical to the CPU reference (src/core/numeric.h):
-// IEEE division (__fdiv_rn) and the hardware round-to-nearest-even
-// converters, which agree with the software ones for finite values
-// (tests/cuda/test_kv_cache.cu checks the e4m3 one over millions of inputs).
+// The results are byte-identical to the CPU backend (src/core/numeric.h,
+// docs/kv-format.md): IEEE division (__fdiv_rn) and the hardware
+// round-to-nearest-even converters, which agree with the software ones for
+// every non-NaN input (tests/cuda/test_kv_cache.cu checks millions of them).
 #pragma once
 
 #include <cuda_runtime.h>
