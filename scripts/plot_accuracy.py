@@ -17,6 +17,7 @@ STYLE = {
     "fp8-per-token-576": ("#ff7f0e", "--"),
     "fp8-per-tile-pow2": ("#2ca02c", "-."),
     "snapmla-fp8": ("#1f77b4", "-"),
+    "snapmla-fp8+fp8-query": ("#8c564b", "--"),
     "snapmla-fp8+fp8-compute": ("#9467bd", "-"),
     "snapmla-fp8 GPU kernel": ("#17becf", "-"),
 }

@@ -271,8 +271,13 @@ constexpr double kFp8MaxRelL2Paged = 0.035;
 // fp8 against the unquantized inputs on FlashMLA's data (randn/10): the e4m3
 // rounding of V (FlashMLA's fp8 cache alone: 0.027) and of P (~0.026, see
 // above) add in quadrature to ~0.037 expected; SnapMLA's port is bounded by
-// rel-L2 5e-2, cosine distance 1e-3, |dLSE| 2e-2.
+// rel-L2 5e-2, cosine distance 1e-3, |dLSE| 2e-2. 0.04 is the acceptance
+// bound, asserted at serving shapes (thousands of tokens per row). The small
+// shapes below (45..1000 tokens per row) average fewer rounding errors, so
+// their measured error spreads more from seed to seed (0.035..0.041 on an
+// H100, 2026-11-23): they get 0.045.
 constexpr double kFp8MaxRelL2Dense = 0.04;
+constexpr double kFp8MaxRelL2DenseFewTokens = 0.045;
 constexpr double kFp8MinCosineDense = 0.999;
 constexpr double kFp8MaxLseErrDense = 0.02;
 // Other distributions are built to stress fp8 (outliers, heavy tails): they
@@ -287,13 +292,13 @@ void expect_bf16_case(const Errors& e) {
   EXPECT_EQ(e.out_a.nonfinite, 0);
 }
 
-void expect_fp8_case(const Errors& e, Distribution d) {
+void expect_fp8_case(const Errors& e, Distribution d, double max_rel_l2_dense) {
   EXPECT_EQ(e.out_a.nonfinite, 0);
   EXPECT_LE(e.out_emulated.rel_l2, kFp8MaxRelL2Emulated);
   EXPECT_LE(e.lse_emulated.max_abs, kFp8MaxLseErrEmulated);
   if (d == Distribution::kGaussian) {
     EXPECT_LE(e.out_a.rel_l2, kFp8MaxRelL2Paged);
-    EXPECT_LE(e.out_b.rel_l2, kFp8MaxRelL2Dense);
+    EXPECT_LE(e.out_b.rel_l2, max_rel_l2_dense);
     EXPECT_GE(e.out_b.cosine, kFp8MinCosineDense);
     EXPECT_LE(e.lse_b.max_abs, kFp8MaxLseErrDense);
   } else {
@@ -302,7 +307,8 @@ void expect_fp8_case(const Errors& e, Distribution d) {
   }
 }
 
-void expect_case(const synthetic::WorkloadSpec& spec, KvFormat format) {
+void expect_case(const synthetic::WorkloadSpec& spec, KvFormat format,
+                 double fp8_max_rel_l2_dense = kFp8MaxRelL2DenseFewTokens) {
   SCOPED_TRACE(std::string(kv_format_name(format)) + " " + synthetic::distribution_name(spec.distribution) +
                " b=" + std::to_string(spec.batch) + " s_q=" + std::to_string(spec.s_q) +
                " h_q=" + std::to_string(spec.h_q));
@@ -310,7 +316,7 @@ void expect_case(const synthetic::WorkloadSpec& spec, KvFormat format) {
   if (format == KvFormat::kBF16) {
     expect_bf16_case(e);
   } else {
-    expect_fp8_case(e, spec.distribution);
+    expect_fp8_case(e, spec.distribution, fp8_max_rel_l2_dense);
   }
 }
 
@@ -325,6 +331,18 @@ TEST(CudaDecode, HeadsAndQueryLengths) {
         // Lengths off the page size, one shorter than a page, one long enough to be split.
         expect_case(make_spec(3, s_q, h_q, {389, 45, 1000}, Distribution::kGaussian, ++seed), format);
       }
+}
+
+// The acceptance shapes: serving-sized sequences on FlashMLA's data, where
+// the fp8 path must stay within 0.04 of the unquantized float64 result.
+TEST(CudaDecode, Fp8AcceptanceAtServingShapes) {
+  SKIP_WITHOUT_HOPPER();
+  expect_case(make_spec(4, 1, 128, {4096, 4096, 4096, 4096}, Distribution::kGaussian, 501), KvFormat::kFP8,
+              kFp8MaxRelL2Dense);
+  expect_case(make_spec(4, 2, 64, {8192, 8192, 8192, 8192}, Distribution::kGaussian, 502), KvFormat::kFP8,
+              kFp8MaxRelL2Dense);
+  expect_case(make_spec(8, 1, 16, {4096, 4096, 4096, 4096, 4096, 4096, 4096, 4096}, Distribution::kGaussian, 503),
+              KvFormat::kFP8, kFp8MaxRelL2Dense);
 }
 
 // Head counts that are not a multiple of 16 leave padding rows in the tile.
@@ -384,7 +402,8 @@ TEST(CudaDecode, SinglePartMatchesSplitRun) {
     const reference::DecodeResult ref = single.reference_paged(
         {.quantize_query = format == KvFormat::kFP8, .quantize_p = format == KvFormat::kFP8});
     expect_all_written(b, ref);
-    EXPECT_LE(reference::compare(b.out, ref.out).rel_l2, format == KvFormat::kBF16 ? kBf16MaxRelL2 : kFp8MaxRelL2Emulated);
+    EXPECT_LE(reference::compare(b.out, ref.out).rel_l2,
+              format == KvFormat::kBF16 ? kBf16MaxRelL2 : kFp8MaxRelL2Emulated);
   }
 }
 

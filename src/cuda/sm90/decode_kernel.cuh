@@ -170,7 +170,7 @@ __global__ void __launch_bounds__(kRowGroups * kWarpsPerRowGroup * 32, 1)
       if constexpr (!kFp8) {
         constexpr int kChunks = kHeadDim * 2 / 16;  // 72 per token
         const uint8_t* src_page = reinterpret_cast<const uint8_t*>(p.kv_bf16) + physical * kPageSize * kHeadDim * 2;
-        #pragma unroll 1
+#pragma unroll 1
         for (int idx = tid; idx < kPageSize * kChunks; idx += kThreads) {
           const int row = idx / kChunks, chunk = idx % kChunks;
           const bool valid = row < valid_rows;
@@ -181,7 +181,7 @@ __global__ void __launch_bounds__(kRowGroups * kWarpsPerRowGroup * 32, 1)
         constexpr int kNopeChunks = kNopeDim / 16;     // 32 per token
         constexpr int kRopeChunks = kRopeDim * 2 / 16;  // 8 per token
         const uint8_t* nope_page = p.kv_nope + physical * kPageSize * kNopeDim;
-        #pragma unroll 1
+#pragma unroll 1
         for (int idx = tid; idx < kPageSize * kNopeChunks; idx += kThreads) {
           const int row = idx / kNopeChunks, chunk = idx % kNopeChunks;
           const bool valid = row < valid_rows;
@@ -190,7 +190,7 @@ __global__ void __launch_bounds__(kRowGroups * kWarpsPerRowGroup * 32, 1)
         }
         const uint8_t* rope_page =
             reinterpret_cast<const uint8_t*>(p.kv_rope) + physical * kPageSize * kRopeDim * 2;
-        #pragma unroll 1
+#pragma unroll 1
         for (int idx = tid; idx < kPageSize * kRopeChunks; idx += kThreads) {
           const int row = idx / kRopeChunks, chunk = idx % kRopeChunks;
           const bool valid = row < valid_rows;
@@ -212,26 +212,26 @@ __global__ void __launch_bounds__(kRowGroups * kWarpsPerRowGroup * 32, 1)
     const int64_t batch_row0 = static_cast<int64_t>(batch) * p.rows;
     if constexpr (!kFp8) {
       constexpr int kChunks = kHeadDim * 2 / 16;
-      #pragma unroll 1
+#pragma unroll 1
       for (int idx = tid; idx < kRows * kChunks; idx += kThreads) {
         const int row = idx / kChunks, chunk = idx % kChunks;
         const bool valid = tile_row0 + row < p.rows;
         const uint8_t* src = reinterpret_cast<const uint8_t*>(p.q + (batch_row0 + tile_row0 + row) * kHeadDim);
-        cp_async_16(smem_base + Smem::kQ + swizzled(row, Smem::kQRowBytes, chunk), valid ? src + chunk * 16 : reinterpret_cast<const uint8_t*>(p.q),
-                    valid);
+        cp_async_16(smem_base + Smem::kQ + swizzled(row, Smem::kQRowBytes, chunk),
+                    valid ? src + chunk * 16 : reinterpret_cast<const uint8_t*>(p.q), valid);
       }
     } else {
       float* q_scale_smem = reinterpret_cast<float*>(smem + Smem::kQScale);
       if (p.q_nope != nullptr) {
         constexpr int kNopeChunks = kNopeDim / 16, kRopeChunks = kRopeDim * 2 / 16;
-        #pragma unroll 1
+#pragma unroll 1
         for (int idx = tid; idx < kRows * kNopeChunks; idx += kThreads) {
           const int row = idx / kNopeChunks, chunk = idx % kNopeChunks;
           const bool valid = tile_row0 + row < p.rows;
           const uint8_t* src = p.q_nope + (batch_row0 + tile_row0 + row) * kNopeDim + chunk * 16;
           cp_async_16(smem_base + Smem::kQ + swizzled(row, Smem::kQRowBytes, chunk), valid ? src : p.q_nope, valid);
         }
-        #pragma unroll 1
+#pragma unroll 1
         for (int idx = tid; idx < kRows * kRopeChunks; idx += kThreads) {
           const int row = idx / kRopeChunks, chunk = idx % kRopeChunks;
           const bool valid = tile_row0 + row < p.rows;
@@ -240,7 +240,7 @@ __global__ void __launch_bounds__(kRowGroups * kWarpsPerRowGroup * 32, 1)
           cp_async_16(smem_base + Smem::kQRope + swizzled(row, Smem::kRopeRowBytes, chunk),
                       valid ? src : reinterpret_cast<const uint8_t*>(p.q_rope), valid);
         }
-        #pragma unroll 1
+#pragma unroll 1
         for (int row = tid; row < kRows; row += kThreads)
           q_scale_smem[row] = tile_row0 + row < p.rows ? p.q_scale[batch_row0 + tile_row0 + row] : 1.0f;
       } else {
@@ -249,7 +249,7 @@ __global__ void __launch_bounds__(kRowGroups * kWarpsPerRowGroup * 32, 1)
         // quantized by the same code as the cache and quantize_query. That code
         // writes chunk l at base + 16 l; the bases below move each lane's
         // chunk to its swizzled place.
-        #pragma unroll 1
+#pragma unroll 1
         for (int row = warp; row < kRows; row += kWarps) {
           uint8_t* nope_row = smem + Smem::kQ + swizzled(row, Smem::kQRowBytes, lane) - 16 * lane;
           uint16_t* rope_row = reinterpret_cast<uint16_t*>(smem + Smem::kQRope +
@@ -315,7 +315,7 @@ __global__ void __launch_bounds__(kRowGroups * kWarpsPerRowGroup * 32, 1)
         }
         // V^T of this page: unit (token group g, 32 dims) per warp instruction.
         const uint32_t vt_base = smem_base + Smem::kVt;
-        #pragma unroll 1
+#pragma unroll 1
         for (int unit = warp; unit < (kPageSize / 16) * (kNopeDim / 32); unit += kWarps) {
           const int token_group = unit & 3, chunk0 = (unit >> 2) * 2;
           const int matrix = lane >> 3;
@@ -530,7 +530,8 @@ __global__ void __launch_bounds__(kRowGroups * kWarpsPerRowGroup * 32, 1)
       const int i = r / p.h_q, h = r % p.h_q;
       const int c0 = 2 * half;
       if (direct) {
-        uint16_t* out_row = p.out + (static_cast<int64_t>(batch) * p.rows + r) * kHeadDimV + quarter * kDimsPerWarp + 2 * quad_lane;
+        uint16_t* out_row =
+            p.out + (static_cast<int64_t>(batch) * p.rows + r) * kHeadDimV + quarter * kDimsPerWarp + 2 * quad_lane;
 #pragma unroll
         for (int n = 0; n < kOutTilesPerWarp; ++n)
           *reinterpret_cast<uint32_t*>(out_row + 8 * n) =
