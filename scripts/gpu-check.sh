@@ -2,7 +2,7 @@
 # One command for the GPU machine (the `device` tool): build with all cores,
 # run the GPU tests, the demo and the benchmarks, keep logs under $OUT and
 # print a short table last.
-#   scripts/gpu-check.sh [all|tests|bench]     (default all)
+#   scripts/gpu-check.sh [all|tests|python|bench]     (default all)
 # The machine has no package registry: .deps/gtest (and .deps/cutlass) must be
 # carried from the development machine, where scripts/install-deps.sh made them.
 set -uo pipefail
@@ -37,6 +37,17 @@ if [ "$mode" = all ] || [ "$mode" = tests ]; then
   build-gpu/snapmla demo >"$OUT/demo.log" 2>&1
   note "demo: exit $?"
   grep -E 'rel. L2' "$OUT/demo.log" | tee -a "$summary"
+fi
+
+if [ "$mode" = all ] || [ "$mode" = python ]; then
+  # The image's python3 has torch, nanobind and scikit-build-core; no registry is reachable.
+  python3 -m pip install -q --no-build-isolation --no-deps --target /tmp/snapmla-py . >"$OUT/pip.log" 2>&1
+  note "python build: exit $?"
+  PYTHONPATH=/tmp/snapmla-py python3 -m pytest -q -rs -p no:cacheprovider tests/python >"$OUT/pytest.log" 2>&1
+  note "pytest: exit $?; $(tail -n 1 "$OUT/pytest.log")"
+  PYTHONPATH=/tmp/snapmla-py python3 examples/deepseek_decode_layer.py >"$OUT/example.log" 2>&1
+  note "example: exit $?"
+  tail -n 6 "$OUT/example.log" | tee -a "$summary"
 fi
 
 if [ "$mode" = all ] || [ "$mode" = bench ]; then

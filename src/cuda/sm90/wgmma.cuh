@@ -1,0 +1,133 @@
+// Hopper warpgroup MMA (wgmma, sm_90a) helpers for the fp8 decode kernel:
+// shared-memory matrix descriptors, the two swizzled K-major layouts it uses,
+// fences, and the three instruction shapes (through CuTe's PTX atoms, whose
+// operand lists are expanded here from a register array).
+//
+// Layout facts relied on (PTX ISA, "Asynchronous Warpgroup Level Matrix
+// Shared Memory Layout" and "Matrix Descriptor Format"):
+//  - A K-major swizzled operand is a stack of 8-row "atoms"; row r of an atom
+//    holds one row's K bytes (128 B for SW128, 64 B for SW64), and 16-byte
+//    chunk c of row r is stored at chunk c ^ f(r), the XOR taken on address
+//    bits, so every tile starts 1024-byte aligned (base_offset field = 0).
+//  - Descriptor: bits 0-13 start address >> 4; 16-29 leading byte offset >> 4
+//    (unused for swizzled K-major operands whose K extent per instruction
+//    fits in one swizzle row: set to 1); 32-45 stride byte offset >> 4 (the
+//    distance between 8-row atoms); 62-63 swizzle mode (1 = 128B, 2 = 64B).
+//  - Successive k steps inside one swizzled row are addressed by adding the
+//    step's byte offset to the start address (what CUTLASS's descriptor
+//    iterator and DeepGEMM do).
+#pragma once
+
+#include <cuda_runtime.h>
+
+#include <cstdint>
+#include <utility>
+
+#include "cute/arch/mma_sm90_desc.hpp"
+#include "cute/arch/mma_sm90_gmma.hpp"
+#include "cute/swizzle.hpp"
+
+namespace snapmla::cuda::sm90::wgmma {
+
+namespace gmma = cute::SM90::GMMA;
+
+// ---- swizzled K-major layouts (byte offsets inside a 1024-byte aligned tile) ----
+// SW128: 128-byte rows (128 e4m3 or 64 bf16 of K), atoms of 8 rows = 1024 B.
+__host__ __device__ constexpr uint32_t sw128_offset(int row, int chunk) {
+  return static_cast<uint32_t>(row * 128 + ((chunk ^ (row & 7)) << 4));
+}
+// SW64: 64-byte rows (64 e4m3 of K), atoms of 8 rows = 512 B.
+__host__ __device__ constexpr uint32_t sw64_offset(int row, int chunk) {
+  return static_cast<uint32_t>(row * 64 + ((chunk ^ ((row >> 1) & 3)) << 4));
+}
+inline constexpr int kSw128AtomBytes = 8 * 128;
+inline constexpr int kSw64AtomBytes = 8 * 64;
+
+// The formulas above must be CuTe's GMMA swizzle functors (Layout_K_SW128_Atom
+// = Swizzle<3,4,3>, Layout_K_SW64_Atom = Swizzle<2,4,3> on byte offsets), which
+// are the hardware's patterns.
+constexpr bool swizzles_match_cute() {
+  for (int row = 0; row < 64; ++row) {
+    for (int chunk = 0; chunk < 8; ++chunk)
+      if (sw128_offset(row, chunk) != static_cast<uint32_t>(cute::Swizzle<3, 4, 3>{}(row * 128 + chunk * 16)))
+        return false;
+    for (int chunk = 0; chunk < 4; ++chunk)
+      if (sw64_offset(row, chunk) != static_cast<uint32_t>(cute::Swizzle<2, 4, 3>{}(row * 64 + chunk * 16)))
+        return false;
+  }
+  return true;
+}
+static_assert(swizzles_match_cute(), "swizzle formulas differ from CuTe's GMMA atoms");
+
+enum class Swizzle : uint64_t { k128B = 1, k64B = 2 };
+
+// Descriptor of a K-major swizzled operand starting at shared address `start`.
+__device__ __forceinline__ uint64_t make_desc(uint32_t start, Swizzle swizzle) {
+  const uint64_t atom_bytes = swizzle == Swizzle::k128B ? kSw128AtomBytes : kSw64AtomBytes;
+  return static_cast<uint64_t>((start >> 4) & 0x3fff) | (uint64_t{1} << 16) | ((atom_bytes >> 4) << 32) |
+         (static_cast<uint64_t>(swizzle) << 62);
+}
+
+// ---- ordering ----
+// Orders this thread's earlier register and shared-memory accesses before the
+// following wgmma (needed whenever normal code wrote an accumulator or an A
+// fragment the wgmma reads).
+__device__ __forceinline__ void fence() { asm volatile("wgmma.fence.sync.aligned;\n" ::: "memory"); }
+__device__ __forceinline__ void commit() { asm volatile("wgmma.commit_group.sync.aligned;\n" ::: "memory"); }
+template <int kPending>
+__device__ __forceinline__ void wait() {
+  asm volatile("wgmma.wait_group.sync.aligned %0;\n" ::"n"(kPending) : "memory");
+}
+// Keeps the compiler from moving accesses of accumulator registers across
+// fence / wait (the asm statements only see the registers at issue time).
+template <int N>
+__device__ __forceinline__ void fence_registers(float (&r)[N]) {
+#pragma unroll
+  for (int i = 0; i < N; ++i) asm volatile("" : "+f"(r[i])::"memory");
+}
+// Makes this thread's generic-proxy shared-memory writes (st.shared, cp.async)
+// visible to the async proxy that wgmma reads shared memory through. Each
+// writer fences, then a barrier, then the wgmma.
+__device__ __forceinline__ void fence_proxy_async_shared() {
+  asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory");
+}
+
+// ---- instructions (D: the m64nN fp32 accumulator fragment of the calling thread) ----
+// Accumulator fragment of m64nN f32: warp w of the warpgroup owns rows 16 w + lane / 4
+// (registers 4 j + {0, 1}) and 16 w + lane / 4 + 8 (registers 4 j + {2, 3}), at
+// columns 8 j + 2 (lane % 4) + {0, 1}.
+namespace detail {
+template <class Atom, int N, size_t... I>
+__device__ __forceinline__ void ss(float (&d)[N], uint64_t desc_a, uint64_t desc_b, gmma::ScaleOut scale_d,
+                                   std::index_sequence<I...>) {
+  Atom::fma(desc_a, desc_b, d[I]..., scale_d);
+}
+template <class Atom, int N, size_t... I>
+__device__ __forceinline__ void rs(float (&d)[N], const uint32_t (&a)[4], uint64_t desc_b, gmma::ScaleOut scale_d,
+                                   std::index_sequence<I...>) {
+  Atom::fma(a[0], a[1], a[2], a[3], desc_b, d[I]..., scale_d);
+}
+}  // namespace detail
+
+// D[64 x 64] (+)= A[64 x 32 e4m3] . B[64 x 32 e4m3]^T, both K-major in shared memory.
+__device__ __forceinline__ void mma_64x64x32_e4m3_ss(float (&d)[32], uint64_t desc_a, uint64_t desc_b,
+                                                     bool accumulate) {
+  detail::ss<cute::SM90::GMMA::MMA_64x64x32_F32E4M3E4M3_SS_TN<>>(
+      d, desc_a, desc_b, accumulate ? gmma::ScaleOut::One : gmma::ScaleOut::Zero, std::make_index_sequence<32>{});
+}
+// D[64 x 64] (+)= A[64 x 16 bf16] . B[64 x 16 bf16]^T, both K-major in shared memory.
+__device__ __forceinline__ void mma_64x64x16_bf16_ss(float (&d)[32], uint64_t desc_a, uint64_t desc_b,
+                                                     bool accumulate) {
+  detail::ss<cute::SM90::GMMA::MMA_64x64x16_F32BF16BF16_SS<gmma::Major::K, gmma::Major::K>>(
+      d, desc_a, desc_b, accumulate ? gmma::ScaleOut::One : gmma::ScaleOut::Zero, std::make_index_sequence<32>{});
+}
+// D[64 x 256] += A[64 x 32 e4m3] (registers) . B[256 x 32 e4m3]^T (K-major, shared).
+// A fragment (as mma.m16n8k32's, per warp of 16 rows): register 0 holds row
+// lane / 4, k bytes 4 (lane % 4) + {0..3}; register 1 the same for row + 8;
+// registers 2, 3 the same at k bytes 16 + 4 (lane % 4) + {0..3}.
+__device__ __forceinline__ void mma_64x256x32_e4m3_rs(float (&d)[128], const uint32_t (&a)[4], uint64_t desc_b) {
+  detail::rs<cute::SM90::GMMA::MMA_64x256x32_F32E4M3E4M3_RS_TN<>>(d, a, desc_b, gmma::ScaleOut::One,
+                                                                  std::make_index_sequence<128>{});
+}
+
+}  // namespace snapmla::cuda::sm90::wgmma
