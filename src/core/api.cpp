@@ -94,10 +94,10 @@ Device validate_cache(const KvCacheView& cache) {
 
 // s_q and h_q limits of the decode kernels (FlashMLA's MTP and head counts).
 void query_dims(const char* name, int64_t batch, int64_t s_q, int64_t h_q) {
-  check::argument(batch >= 1, name, "batch (dim 0) must be at least 1, got " + std::to_string(batch));
+  check::argument(batch >= 1, name, [&] { return "batch (dim 0) must be at least 1, got " + std::to_string(batch); });
   check::argument(s_q >= 1 && s_q <= kMaxQueryLen, name,
                   "s_q (dim 1) must be in 1.." + std::to_string(kMaxQueryLen) + ", got " + std::to_string(s_q));
-  check::argument(h_q >= 1 && h_q <= 128, name, "h_q (dim 2) must be in 1..128, got " + std::to_string(h_q));
+  check::argument(h_q >= 1 && h_q <= 128, name, [&] { return "h_q (dim 2) must be in 1..128, got " + std::to_string(h_q); });
   check::argument(h_q * s_q <= kMaxQueryRows, name,
                   "h_q * s_q must be at most " + std::to_string(kMaxQueryRows) + ", got " + std::to_string(h_q * s_q));
 }
@@ -162,7 +162,7 @@ void write_kv_cache(const TensorView& c_kv, const TensorView& k_pe, const Tensor
                     const KvCacheView& cache, const KvWriteOptions& options, StreamHandle stream) {
   const Device device = validate_cache(cache);
   check::defined(c_kv, "c_kv");
-  check::argument(c_kv.rank == 2, "c_kv", "expected shape [n, 512], got " + c_kv.shape_string());
+  check::argument(c_kv.rank == 2, "c_kv", [&] { return "expected shape [n, 512], got " + c_kv.shape_string(); });
   const int64_t n = c_kv.shape[0];
   row_major_rows(c_kv, "c_kv", {DType::kBFloat16, DType::kFloat32}, n, kNopeDim, device);
   row_major_rows(k_pe, "k_pe", {DType::kBFloat16, DType::kFloat32}, n, kRopeDim, device);
@@ -194,7 +194,7 @@ void gather_kv_cache(const KvCacheView& cache, const TensorView& indices, const 
                      const TensorView& k_pe, StreamHandle stream) {
   const Device device = validate_cache(cache);
   check::defined(indices, "indices");
-  check::argument(indices.rank == 1, "indices", "expected shape [n], got " + indices.shape_string());
+  check::argument(indices.rank == 1, "indices", [&] { return "expected shape [n], got " + indices.shape_string(); });
   const int64_t n = indices.shape[0];
   index_vector(indices, "indices", n, device);
   row_major_rows(k_nope, "k_nope", {DType::kBFloat16}, n, kNopeDim, device);
@@ -214,7 +214,7 @@ void gather_kv_cache(const KvCacheView& cache, const TensorView& indices, const 
 void quantize_query(const TensorView& q, const TensorView& q_nope, const TensorView& q_scale,
                     const TensorView& q_rope, StreamHandle stream) {
   check::defined(q, "q");
-  check::argument(q.rank == 4, "q", "expected shape [b, s_q, h_q, 576], got " + q.shape_string());
+  check::argument(q.rank == 4, "q", [&] { return "expected shape [b, s_q, h_q, 576], got " + q.shape_string(); });
   const Device device = q.device;
   dense(q, "q", {DType::kBFloat16}, {kAny, kAny, kAny, kHeadDim}, device);
   const int64_t b = q.shape[0], s_q = q.shape[1], h_q = q.shape[2];
@@ -273,10 +273,10 @@ void get_mla_metadata(const TensorView& cache_seqlens, int q_rows, const DecodeS
 }
 
 size_t decode_workspace_bytes(int batch, int s_q, int h_q, int num_sm_parts) {
-  check::argument(batch >= 1, "batch", "must be at least 1, got " + std::to_string(batch));
-  check::argument(s_q >= 1 && s_q <= kMaxQueryLen, "s_q", "must be in 1..4, got " + std::to_string(s_q));
-  check::argument(h_q >= 1 && h_q <= 128, "h_q", "must be in 1..128, got " + std::to_string(h_q));
-  check::argument(num_sm_parts >= 1, "num_sm_parts", "must be at least 1, got " + std::to_string(num_sm_parts));
+  check::argument(batch >= 1, "batch", [&] { return "must be at least 1, got " + std::to_string(batch); });
+  check::argument(s_q >= 1 && s_q <= kMaxQueryLen, "s_q", [&] { return "must be in 1..4, got " + std::to_string(s_q); });
+  check::argument(h_q >= 1 && h_q <= 128, "h_q", [&] { return "must be in 1..128, got " + std::to_string(h_q); });
+  check::argument(num_sm_parts >= 1, "num_sm_parts", [&] { return "must be at least 1, got " + std::to_string(num_sm_parts); });
   // Each split of a row keeps its partial O (512 fp32) and lse (fp32); a
   // sequence has at most one split per part plus its own first piece.
   const size_t rows = static_cast<size_t>(s_q) * static_cast<size_t>(h_q);

@@ -2,6 +2,7 @@
 // snapmla::Error naming the argument and saying what was expected.
 #pragma once
 
+#include <concepts>
 #include <initializer_list>
 #include <string>
 
@@ -20,5 +21,11 @@ void contiguous(const TensorView& t, const char* name);
 void inner_contiguous(const TensorView& t, const char* name);
 void on_device(const TensorView& t, const char* name, Device device);
 void argument(bool ok, const char* name, const std::string& message);
+// The same, building the message only on failure (hot paths: every decode call).
+template <typename MakeMessage>
+  requires std::invocable<MakeMessage>
+void argument(bool ok, const char* name, MakeMessage&& make_message) {
+  if (!ok) throw Error(name, make_message());
+}
 
 }  // namespace snapmla::check

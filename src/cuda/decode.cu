@@ -4,14 +4,17 @@
 // contiguity, workspace size).
 #include <cuda_runtime.h>
 
+#include <atomic>
 #include <cmath>
 #include <cstdint>
+#include <cstdlib>
 #include <string>
 #include <vector>
 
 #include "core/schedule.h"
 #include "cuda/backend.h"
 #include "cuda/check.h"
+#include "cuda/sm90/decode_launch.cuh"
 #include "cuda/sm90/decode_params.cuh"
 #include "cuda/sm90/token_quant.cuh"
 #include "snapmla/error.h"
@@ -67,6 +70,35 @@ void check_indices_on_host(const DecodeParams& params, int64_t num_pages, cudaSt
 
 namespace sm90 {
 int decode_row_groups(int rows) { return rows <= 16 ? 1 : rows <= 32 ? 2 : 4; }
+
+namespace {
+// -1: none; otherwise a Fp8DecodeKernel.
+std::atomic<int> g_fp8_kernel_override{-1};
+
+Fp8DecodeKernel fp8_decode_kernel_from_environment() {
+  const char* value = std::getenv("SNAPMLA_DECODE_KERNEL");
+  if (value == nullptr || *value == '\0') return kDefaultFp8DecodeKernel;
+  const std::string name(value);
+  if (name == "mma") return Fp8DecodeKernel::kMma;
+  if (name == "wgmma") return Fp8DecodeKernel::kWgmma;
+  throw Error("SNAPMLA_DECODE_KERNEL", "is '" + name + "'; expected 'mma' or 'wgmma'");
+}
+}  // namespace
+
+Fp8DecodeKernel fp8_decode_kernel() {
+  const int forced = g_fp8_kernel_override.load(std::memory_order_relaxed);
+  if (forced >= 0) return static_cast<Fp8DecodeKernel>(forced);
+  static const Fp8DecodeKernel from_environment = fp8_decode_kernel_from_environment();
+  return from_environment;
+}
+
+void set_fp8_decode_kernel_override(std::optional<Fp8DecodeKernel> kernel) {
+  g_fp8_kernel_override.store(kernel ? static_cast<int>(*kernel) : -1, std::memory_order_relaxed);
+}
+
+const char* fp8_decode_kernel_name(Fp8DecodeKernel kernel) {
+  return kernel == Fp8DecodeKernel::kMma ? "mma" : "wgmma";
+}
 }  // namespace sm90
 
 void get_mla_metadata(const TensorView& cache_seqlens, int q_rows, const DecodeSchedule& schedule,
@@ -143,7 +175,9 @@ void mla_decode(const DecodeParams& params, StreamHandle stream_handle) {
   k.status = static_cast<unsigned int*>(status);
 
   const int row_groups = sm90::decode_row_groups(k.rows);
-  if (fp8) {
+  if (fp8 && sm90::fp8_decode_kernel() == sm90::Fp8DecodeKernel::kWgmma) {
+    sm90::launch_decode_fp8_wgmma(k, stream);
+  } else if (fp8) {
     sm90::launch_decode_fp8(k, row_groups, stream);
   } else {
     sm90::launch_decode_bf16(k, row_groups, stream);

@@ -15,6 +15,7 @@
 #include <cstdio>
 #include <cstring>
 #include <limits>
+#include <optional>
 #include <random>
 #include <string>
 #include <vector>
@@ -25,6 +26,7 @@
 #include "cpu/host_cache.h"
 #include "cpu/reference.h"
 #include "cuda/check.h"
+#include "cuda/sm90/decode_launch.cuh"
 #include "cuda/sm90/decode_params.cuh"
 #include "snapmla/snapmla.h"
 
@@ -221,6 +223,11 @@ struct Errors {
   reference::ErrorStats lse_a, lse_emulated, lse_b;
 };
 
+// The kernel mla_decode runs for `format` (bf16 caches have only the mma.sync one).
+const char* kernel_name(KvFormat format) {
+  return format == KvFormat::kBF16 ? "mma" : cuda::sm90::fp8_decode_kernel_name(cuda::sm90::fp8_decode_kernel());
+}
+
 // Runs one case and compares it with all references; prints one CASE line.
 Errors check_case(const synthetic::WorkloadSpec& spec, KvFormat format) {
   GpuDecode decode(spec, format);
@@ -240,11 +247,11 @@ Errors check_case(const synthetic::WorkloadSpec& spec, KvFormat format) {
     e.lse_emulated.max_abs = lse_scaled_error(got.lse, emulated.lse);
   }
   std::printf(
-      "CASE fmt=%s dist=%s b=%d s_q=%d h_q=%d parts=%d relerr_a=%.3e relerr_emul=%.3e relerr_b=%.3e cos=%.6f "
-      "lse_err_a=%.3e lse_err_emul=%.3e lse_err_b=%.3e\n",
-      kv_format_name(format), synthetic::distribution_name(spec.distribution), spec.batch, spec.s_q, spec.h_q,
-      decode.num_parts, e.out_a.rel_l2, e.out_emulated.rel_l2, e.out_b.rel_l2, e.out_b.cosine, e.lse_a.max_abs,
-      e.lse_emulated.max_abs, e.lse_b.max_abs);
+      "CASE fmt=%s kernel=%s dist=%s b=%d s_q=%d h_q=%d parts=%d relerr_a=%.3e relerr_emul=%.3e relerr_b=%.3e "
+      "cos=%.6f lse_err_a=%.3e lse_err_emul=%.3e lse_err_b=%.3e\n",
+      kv_format_name(format), kernel_name(format), synthetic::distribution_name(spec.distribution), spec.batch,
+      spec.s_q, spec.h_q, decode.num_parts, e.out_a.rel_l2, e.out_emulated.rel_l2, e.out_b.rel_l2, e.out_b.cosine,
+      e.lse_a.max_abs, e.lse_emulated.max_abs, e.lse_b.max_abs);
   return e;
 }
 
@@ -320,11 +327,27 @@ void expect_case(const synthetic::WorkloadSpec& spec, KvFormat format,
   }
 }
 
+// ---- every test runs once per fp8 decode kernel ----
+// The parameter picks the fp8 kernel (mma.sync, or the sm_90a wgmma one);
+// bf16 caches have only the mma.sync kernel, so their cases run under the
+// mma parameter alone (formats()).
+using cuda::sm90::Fp8DecodeKernel;
+
+class CudaDecode : public ::testing::TestWithParam<Fp8DecodeKernel> {
+ protected:
+  void SetUp() override { cuda::sm90::set_fp8_decode_kernel_override(GetParam()); }
+  void TearDown() override { cuda::sm90::set_fp8_decode_kernel_override(std::nullopt); }
+  std::vector<KvFormat> formats() const {
+    if (GetParam() == Fp8DecodeKernel::kMma) return {KvFormat::kBF16, KvFormat::kFP8};
+    return {KvFormat::kFP8};
+  }
+};
+
 // ---- shapes: every head count and MTP length, both formats ----
-TEST(CudaDecode, HeadsAndQueryLengths) {
+TEST_P(CudaDecode, HeadsAndQueryLengths) {
   SKIP_WITHOUT_HOPPER();
   uint64_t seed = 100;
-  for (KvFormat format : {KvFormat::kBF16, KvFormat::kFP8})
+  for (KvFormat format : formats())
     for (int h_q : {16, 32, 64, 128})
       for (int s_q : {1, 2, 4}) {
         if (h_q * s_q > kMaxQueryRows) continue;
@@ -335,7 +358,7 @@ TEST(CudaDecode, HeadsAndQueryLengths) {
 
 // The acceptance shapes: serving-sized sequences on FlashMLA's data, where
 // the fp8 path must stay within 0.04 of the unquantized float64 result.
-TEST(CudaDecode, Fp8AcceptanceAtServingShapes) {
+TEST_P(CudaDecode, Fp8AcceptanceAtServingShapes) {
   SKIP_WITHOUT_HOPPER();
   expect_case(make_spec(4, 1, 128, {4096, 4096, 4096, 4096}, Distribution::kGaussian, 501), KvFormat::kFP8,
               kFp8MaxRelL2Dense);
@@ -346,15 +369,15 @@ TEST(CudaDecode, Fp8AcceptanceAtServingShapes) {
 }
 
 // Head counts that are not a multiple of 16 leave padding rows in the tile.
-TEST(CudaDecode, OddRowCounts) {
+TEST_P(CudaDecode, OddRowCounts) {
   SKIP_WITHOUT_HOPPER();
-  for (KvFormat format : {KvFormat::kBF16, KvFormat::kFP8})
+  for (KvFormat format : formats())
     for (auto [h_q, s_q] : {std::pair{8, 1}, std::pair{24, 3}, std::pair{40, 2}, std::pair{100, 1}})
       expect_case(make_spec(2, s_q, h_q, {130, 700}, Distribution::kGaussian, 200 + h_q), format);
 }
 
 // ---- fp8 accuracy on every distribution (the lead's report reads these lines) ----
-TEST(CudaDecode, Fp8AllDistributions) {
+TEST_P(CudaDecode, Fp8AllDistributions) {
   SKIP_WITHOUT_HOPPER();
   for (Distribution d : synthetic::all_distributions())
     for (auto [h_q, s_q] : {std::pair{64, 1}, std::pair{16, 2}, std::pair{128, 2}})
@@ -363,23 +386,23 @@ TEST(CudaDecode, Fp8AllDistributions) {
 
 // Zero-length sequences (lse -inf, out 0), sequences shorter than s_q (rows
 // that see nothing under the causal mask), and lengths around a page.
-TEST(CudaDecode, VarlenWithEmptySequences) {
+TEST_P(CudaDecode, VarlenWithEmptySequences) {
   SKIP_WITHOUT_HOPPER();
-  for (KvFormat format : {KvFormat::kBF16, KvFormat::kFP8})
+  for (KvFormat format : formats())
     for (int s_q : {1, 4})
       expect_case(make_spec(7, s_q, 16, {0, 1, 2, 63, 64, 65, 0}, Distribution::kGaussian, 400 + s_q), format);
 }
 
 // Many short sequences and a few long ones: the schedule splits the long ones
 // over many parts and the combine kernel merges them.
-TEST(CudaDecode, ManyShortFewLongForcesSplits) {
+TEST_P(CudaDecode, ManyShortFewLongForcesSplits) {
   SKIP_WITHOUT_HOPPER();
   std::mt19937 rng(7);
   std::vector<int32_t> seqlens;
   for (int b = 0; b < 36; ++b) seqlens.push_back(1 + static_cast<int32_t>(rng() % 150));
   for (int32_t long_len : {4100, 2900, 6000, 3333}) seqlens.push_back(long_len);
   std::shuffle(seqlens.begin(), seqlens.end(), rng);
-  for (KvFormat format : {KvFormat::kBF16, KvFormat::kFP8}) {
+  for (KvFormat format : formats()) {
     const auto spec = make_spec(static_cast<int>(seqlens.size()), 1, 16, seqlens, Distribution::kGaussian, 500);
     expect_case(spec, format);
     // The schedule really split something (otherwise this test would not test the combine).
@@ -391,9 +414,9 @@ TEST(CudaDecode, ManyShortFewLongForcesSplits) {
 
 // One part: every sequence is a single piece written directly; the result
 // must match the split run closely (not bitwise: the summation order differs).
-TEST(CudaDecode, SinglePartMatchesSplitRun) {
+TEST_P(CudaDecode, SinglePartMatchesSplitRun) {
   SKIP_WITHOUT_HOPPER();
-  for (KvFormat format : {KvFormat::kBF16, KvFormat::kFP8}) {
+  for (KvFormat format : formats()) {
     const auto spec = make_spec(2, 2, 32, {3000, 777}, Distribution::kGaussian, 600);
     GpuDecode split(spec, format), single(spec, format, 1);
     const reference::DecodeResult a = split.run(), b = single.run();
@@ -409,7 +432,7 @@ TEST(CudaDecode, SinglePartMatchesSplitRun) {
 
 // The kernel's own query quantization must equal quantize_query's bit for bit,
 // so a pre-quantized query gives bitwise the same output.
-TEST(CudaDecode, PrequantizedQueryIsBitwiseEqual) {
+TEST_P(CudaDecode, PrequantizedQueryIsBitwiseEqual) {
   SKIP_WITHOUT_HOPPER();
   const auto spec = make_spec(3, 2, 64, {900, 64, 1}, Distribution::kLargeQueryRope, 700);
   GpuDecode decode(spec, KvFormat::kFP8);
@@ -438,9 +461,9 @@ TEST(CudaDecode, PrequantizedQueryIsBitwiseEqual) {
 }
 
 // Same inputs, same schedule: bitwise the same outputs.
-TEST(CudaDecode, Deterministic) {
+TEST_P(CudaDecode, Deterministic) {
   SKIP_WITHOUT_HOPPER();
-  for (KvFormat format : {KvFormat::kBF16, KvFormat::kFP8}) {
+  for (KvFormat format : formats()) {
     GpuDecode decode(make_spec(4, 2, 64, {2000, 5, 700, 4000}, Distribution::kHeavyTailNorms, 800), format);
     decode.run();
     const std::vector<uint16_t> out1 = decode.out_bits();
@@ -452,9 +475,9 @@ TEST(CudaDecode, Deterministic) {
 }
 
 // ---- bad indices ----
-TEST(CudaDecode, InvalidPageIdIsAnError) {
+TEST_P(CudaDecode, InvalidPageIdIsAnError) {
   SKIP_WITHOUT_HOPPER();
-  for (KvFormat format : {KvFormat::kBF16, KvFormat::kFP8}) {
+  for (KvFormat format : formats()) {
     for (int32_t bad_page : {-1, 1 << 20}) {
       auto spec = make_spec(2, 1, 16, {300, 100}, Distribution::kGaussian, 900);
       GpuDecode decode(spec, format);
@@ -484,7 +507,7 @@ TEST(CudaDecode, InvalidPageIdIsAnError) {
   }
 }
 
-TEST(CudaDecode, SequenceLongerThanBlockTableIsAnError) {
+TEST_P(CudaDecode, SequenceLongerThanBlockTableIsAnError) {
   SKIP_WITHOUT_HOPPER();
   GpuDecode decode(make_spec(2, 1, 16, {300, 100}, Distribution::kGaussian, 901), KvFormat::kFP8);
   const std::vector<int32_t> seqlens = {300, decode.workload.max_pages * kPageSize + 1};
@@ -496,6 +519,107 @@ TEST(CudaDecode, SequenceLongerThanBlockTableIsAnError) {
   } catch (const Error& e) {
     EXPECT_EQ(e.argument(), "cache_seqlens") << e.what();
   }
+}
+
+INSTANTIATE_TEST_SUITE_P(Fp8Kernels, CudaDecode, ::testing::Values(Fp8DecodeKernel::kMma, Fp8DecodeKernel::kWgmma),
+                         [](const ::testing::TestParamInfo<Fp8DecodeKernel>& info) {
+                           return std::string(cuda::sm90::fp8_decode_kernel_name(info.param));
+                         });
+
+// ---- wgmma kernel: layout diagnostics ----
+class ScopedFp8Kernel {
+ public:
+  explicit ScopedFp8Kernel(Fp8DecodeKernel kernel) { cuda::sm90::set_fp8_decode_kernel_override(kernel); }
+  ~ScopedFp8Kernel() { cuda::sm90::set_fp8_decode_kernel_override(std::nullopt); }
+  ScopedFp8Kernel(const ScopedFp8Kernel&) = delete;
+  ScopedFp8Kernel& operator=(const ScopedFp8Kernel&) = delete;
+};
+
+// One sequence of at most one page, one CTA (one part, s_q = 1, so row r is
+// head r): the smallest problem that uses every layout of the wgmma kernel
+// once. lse depends only on S (the SW128 Q8 / K8 / RoPE tiles, their
+// descriptors, the accumulator layout, masking); out also on P^ and V^T (the
+// transpose and its token order, the register A fragment, each warpgroup's
+// dims [256 g, 256 g + 256) in two n128 halves). The printed breakdown says
+// which part is wrong: bad lse = QK; good lse but bad out = PV; bad out in
+// some 64-dim blocks only = V^T addressing or a warpgroup's descriptor.
+void diagnose_one_tile(int h_q, int seqlen, uint64_t seed) {
+  SCOPED_TRACE("h_q=" + std::to_string(h_q) + " seqlen=" + std::to_string(seqlen));
+  ScopedFp8Kernel use_wgmma(Fp8DecodeKernel::kWgmma);
+  GpuDecode decode(make_spec(1, 1, h_q, {seqlen}, Distribution::kGaussian, seed), KvFormat::kFP8, 1);
+  const reference::DecodeResult got = decode.run();
+  const reference::DecodeResult ref = decode.reference_paged({.quantize_query = true, .quantize_p = true});
+  expect_all_written(got, ref);
+
+  int worst_lse_row = 0;
+  double worst_lse = 0.0;
+  for (int r = 0; r < h_q; ++r) {
+    const double err = std::fabs(got.lse[r] - ref.lse[r]) / (1.0 + std::fabs(ref.lse[r]));
+    if (!(err <= worst_lse)) worst_lse = err, worst_lse_row = r;  // NaN counts as worst
+  }
+  std::printf("WGMMA-DIAG h_q=%d seqlen=%d lse_err=%.3e (row %d: got %.6f ref %.6f)\n", h_q, seqlen, worst_lse,
+              worst_lse_row, got.lse[worst_lse_row], ref.lse[worst_lse_row]);
+  constexpr int kBlock = 64;
+  std::printf("WGMMA-DIAG out rel err per 64-dim block:");
+  for (int block = 0; block < kHeadDimV / kBlock; ++block) {
+    std::vector<double> g, e;
+    for (int r = 0; r < h_q; ++r)
+      for (int d = block * kBlock; d < (block + 1) * kBlock; ++d) {
+        g.push_back(got.out[static_cast<size_t>(r) * kHeadDimV + d]);
+        e.push_back(ref.out[static_cast<size_t>(r) * kHeadDimV + d]);
+      }
+    std::printf(" %.2e", reference::compare(g, e).rel_l2);
+  }
+  std::printf("\nWGMMA-DIAG rows with out rel err > 0.02:");
+  int listed = 0;
+  for (int r = 0; r < h_q && listed < 16; ++r) {
+    const std::vector<double> g(got.out.begin() + r * kHeadDimV, got.out.begin() + (r + 1) * kHeadDimV);
+    const std::vector<double> e(ref.out.begin() + r * kHeadDimV, ref.out.begin() + (r + 1) * kHeadDimV);
+    const double err = reference::compare(g, e).rel_l2;
+    if (!(err <= 0.02)) std::printf(" %d(%.2e)", r, err), ++listed;
+  }
+  std::printf("%s\nWGMMA-DIAG row 0 dims 0..7 got/ref:", listed == 0 ? " none" : "");
+  for (int d = 0; d < 8; ++d) std::printf(" %.4f/%.4f", got.out[d], ref.out[d]);
+  std::printf("\n");
+
+  EXPECT_LE(worst_lse, kFp8MaxLseErrEmulated);
+  EXPECT_LE(reference::compare(got.out, ref.out).rel_l2, kFp8MaxRelL2Emulated);
+}
+
+TEST(CudaDecodeWgmma, OneTileDiagnostics) {
+  SKIP_WITHOUT_HOPPER();
+  diagnose_one_tile(64, 64, 1001);  // one full page, all 64 rows of the tile
+  diagnose_one_tile(64, 40, 1002);  // a partial page: tokens 40..63 masked
+  diagnose_one_tile(16, 64, 1003);  // padding rows 16..63
+  diagnose_one_tile(64, 128, 1004);  // two pages: the online rescale (beta) and the stage swap
+}
+
+// Both kernels do the same arithmetic except for summation order and the fp8
+// MMA's ~13-bit partial sums (inside a 128-dim QK chunk, a page's PV), which
+// occasionally flip an e4m3 rounding of P: the same inputs must give nearly
+// the same output (the bound of SinglePartMatchesSplitRun, which differs in the
+// same ways), in both the direct and the split path.
+TEST(CudaDecodeWgmma, MatchesMmaKernel) {
+  SKIP_WITHOUT_HOPPER();
+  GpuDecode decode(make_spec(3, 2, 64, {1000, 64, 333}, Distribution::kGaussian, 1100), KvFormat::kFP8);
+  reference::DecodeResult mma, wgmma;
+  {
+    ScopedFp8Kernel use(Fp8DecodeKernel::kMma);
+    mma = decode.run();
+  }
+  {
+    ScopedFp8Kernel use(Fp8DecodeKernel::kWgmma);
+    wgmma = decode.run();
+  }
+  const reference::ErrorStats out = reference::compare(wgmma.out, mma.out);
+  const reference::ErrorStats lse = reference::compare_lse(wgmma.lse, mma.lse);
+  const double lse_err = lse_scaled_error(wgmma.lse, mma.lse);
+  std::printf("WGMMA-VS-MMA rel_l2=%.3e lse_err=%.3e\n", out.rel_l2, lse_err);
+  EXPECT_EQ(out.nonfinite, 0);
+  EXPECT_EQ(lse.nonfinite, 0);
+  EXPECT_LE(out.rel_l2, 6e-3);
+  // Each kernel is within kFp8MaxLseErrEmulated of the emulation.
+  EXPECT_LE(lse_err, 2 * kFp8MaxLseErrEmulated);
 }
 
 }  // namespace

@@ -9,6 +9,12 @@
 // docs/kv-format.md): IEEE division (__fdiv_rn) and the hardware
 // round-to-nearest-even converters, which agree with the software ones for
 // every non-NaN input (tests/cuda/test_kv_cache.cu checks millions of them).
+//
+// The divisions are the expensive part (an IEEE __fdiv_rn is ~11 instructions
+// in its own branch region, and they kept the cache write issue-bound), so
+// quantize_row_scaled gets the same bytes from a multiplication and fused
+// corrections per value, and divides only where it cannot prove them equal;
+// see RowDivisor for the argument.
 #pragma once
 
 #include <cuda_runtime.h>
@@ -53,6 +59,17 @@ __device__ __forceinline__ void store16(void* p, const uint4& v) {
   }
 }
 
+// st.global.cs (evict first): for rows nobody reads back soon (the cache rows
+// a write appends), so they do not push reusable lines out of L2.
+template <bool kAligned, bool kStreaming>
+__device__ __forceinline__ void store16_hint(void* p, const uint4& v) {
+  if constexpr (kAligned && kStreaming) {
+    __stcs(static_cast<uint4*>(p), v);
+  } else {
+    store16<kAligned>(p, v);
+  }
+}
+
 // ---- element conversions ----
 __device__ __forceinline__ float bf16_lo(uint32_t w) { return __uint_as_float(w << 16); }
 __device__ __forceinline__ float bf16_hi(uint32_t w) { return __uint_as_float(w & 0xffff0000u); }
@@ -84,14 +101,27 @@ __device__ __forceinline__ float2 e4m3x2_to_float2(uint32_t two_bytes) {
 }
 
 // ---- loading values as float ----
-// N consecutive elements starting at `src` (N * sizeof(T) a multiple of 16).
-template <bool kAligned, int N>
-__device__ __forceinline__ void load_values(const uint16_t* src_bf16, float (&out)[N]) {
-  static_assert(N % 8 == 0);
+// A lane's N consecutive elements as loaded (16-byte words), so a kernel can
+// issue the loads of several rows before it converts or reduces any of them.
+template <typename T, int N>
+struct RawValues {
+  static_assert((N * sizeof(T)) % 16 == 0);
+  static constexpr int kWords = static_cast<int>(N * sizeof(T) / 16);
+  uint4 word[kWords];
+};
+
+template <bool kAligned, typename T, int N>
+__device__ __forceinline__ void load_raw(const T* src, RawValues<T, N>& raw) {
+#pragma unroll
+  for (int c = 0; c < RawValues<T, N>::kWords; ++c)
+    raw.word[c] = load16<kAligned>(src + c * static_cast<int>(16 / sizeof(T)));
+}
+
+template <int N>
+__device__ __forceinline__ void unpack_values(const RawValues<uint16_t, N>& raw, float (&out)[N]) {
 #pragma unroll
   for (int c = 0; c < N / 8; ++c) {
-    const uint4 v = load16<kAligned>(src_bf16 + 8 * c);
-    const uint32_t w[4] = {v.x, v.y, v.z, v.w};
+    const uint32_t w[4] = {raw.word[c].x, raw.word[c].y, raw.word[c].z, raw.word[c].w};
 #pragma unroll
     for (int k = 0; k < 4; ++k) {
       out[8 * c + 2 * k] = bf16_lo(w[k]);
@@ -100,17 +130,71 @@ __device__ __forceinline__ void load_values(const uint16_t* src_bf16, float (&ou
   }
 }
 
+template <int N>
+__device__ __forceinline__ void unpack_values(const RawValues<float, N>& raw, float (&out)[N]) {
+#pragma unroll
+  for (int c = 0; c < N / 4; ++c) {
+    out[4 * c] = __uint_as_float(raw.word[c].x);
+    out[4 * c + 1] = __uint_as_float(raw.word[c].y);
+    out[4 * c + 2] = __uint_as_float(raw.word[c].z);
+    out[4 * c + 3] = __uint_as_float(raw.word[c].w);
+  }
+}
+
+// The bits of max |v| as a float: an unsigned max of sign-cleared bits orders
+// like the floats themselves, and it is >= kInfBits exactly when some value is
+// inf or NaN, so one reduction gives both amax and the finiteness test.
+inline constexpr uint32_t kInfBits = 0x7f800000u;
+
+template <int N>
+__device__ __forceinline__ uint32_t abs_max_bits(const RawValues<uint16_t, N>& raw) {
+  uint32_t pair_max = 0;  // two bf16 magnitudes, compared lane-wise
+#pragma unroll
+  for (int c = 0; c < RawValues<uint16_t, N>::kWords; ++c) {
+    pair_max = __vmaxu2(pair_max, raw.word[c].x & 0x7fff7fffu);
+    pair_max = __vmaxu2(pair_max, raw.word[c].y & 0x7fff7fffu);
+    pair_max = __vmaxu2(pair_max, raw.word[c].z & 0x7fff7fffu);
+    pair_max = __vmaxu2(pair_max, raw.word[c].w & 0x7fff7fffu);
+  }
+  return max(pair_max & 0xffffu, pair_max >> 16) << 16;
+}
+
+template <int N>
+__device__ __forceinline__ uint32_t abs_max_bits(const RawValues<float, N>& raw) {
+  uint32_t m = 0;
+#pragma unroll
+  for (int c = 0; c < RawValues<float, N>::kWords; ++c) {
+    m = max(m, raw.word[c].x & 0x7fffffffu);
+    m = max(m, raw.word[c].y & 0x7fffffffu);
+    m = max(m, raw.word[c].z & 0x7fffffffu);
+    m = max(m, raw.word[c].w & 0x7fffffffu);
+  }
+  return m;
+}
+
+template <int N>
+__device__ __forceinline__ uint32_t abs_max_bits(const float (&v)[N]) {
+  uint32_t m = 0;
+#pragma unroll
+  for (int i = 0; i < N; ++i) m = max(m, __float_as_uint(v[i]) & 0x7fffffffu);
+  return m;
+}
+
+// N consecutive elements starting at `src` (N * sizeof(T) a multiple of 16).
+template <bool kAligned, int N>
+__device__ __forceinline__ void load_values(const uint16_t* src_bf16, float (&out)[N]) {
+  static_assert(N % 8 == 0);
+  RawValues<uint16_t, N> raw;
+  load_raw<kAligned>(src_bf16, raw);
+  unpack_values(raw, out);
+}
+
 template <bool kAligned, int N>
 __device__ __forceinline__ void load_values(const float* src_f32, float (&out)[N]) {
   static_assert(N % 4 == 0);
-#pragma unroll
-  for (int c = 0; c < N / 4; ++c) {
-    const uint4 v = load16<kAligned>(src_f32 + 4 * c);
-    out[4 * c] = __uint_as_float(v.x);
-    out[4 * c + 1] = __uint_as_float(v.y);
-    out[4 * c + 2] = __uint_as_float(v.z);
-    out[4 * c + 3] = __uint_as_float(v.w);
-  }
+  RawValues<float, N> raw;
+  load_raw<kAligned>(src_f32, raw);
+  unpack_values(raw, out);
 }
 
 template <int N>
@@ -134,9 +218,129 @@ __device__ __forceinline__ float warp_max(float v) {
   return v;
 }
 
-// The one implementation of the fp8 row format. All 32 lanes call it with the
-// lane layout above (`rope` is ignored on lanes >= 8). Writes 512 e4m3 bytes
-// at nope_row, the scale at *scale_out and 64 bf16 at rope_row.
+// ---- x / scale without a division per value ----
+// The bytes must be those of e4m3(__fdiv_rn(x, s)) and bf16(__fdiv_rn(x, s)),
+// i.e. of RN(t), t = x / s exactly (RN: f32 round to nearest even). Both
+// paths below use y = RN(1/s) = __frcp_rn(s), once per row.
+//
+// NoPE (e4m3), two Markstein corrections: q0 = RN(x y),
+// q_{k+1} = RN(q_k + RN(x - s q_k) y), result copysign(q2, x). Proof sketch
+// (t scaled into [1, 2), s = S 2^e with integer S in [2^23, 2^24), y s = 1 + d,
+// |d| <= S 2^-48): q_k + (x - s q_k) y = t + (t - q_k) d, so |t - q0| < 2^-22,
+// |t - q1| <= 2^-24 + 2^-45 (the first remainder may round, the second is
+// exact: a multiple of 2^(e-23) below 2^(e+1)), and the last step errs by
+// |t - q1| |d| <= (2^-24 + 2^-45) S 2^-48. Every f32 rounding boundary m has
+// |x - s m| >= 2^(e-24) (a nonzero multiple of it), so |t - m| >= 2^-24 / S,
+// which exceeds that error when S <= 2^24 - 5: q2 = RN(t). The row condition
+// below keeps that S and s in [2^-88, 2^120], so every value with |t| >= 2^-12
+// has |x| >= 2^-100 (no underflow in the steps above) and every smaller one
+// gives |q2| < 2^-10, i.e. e4m3 +-0 with the sign copysign takes from x,
+// exactly as RN(t) does. Other rows (~1 in 10^6, and tiny or non-finite
+// amax) and NaN inputs divide with __fdiv_rn.
+//
+// RoPE (bf16): RoPE values are not bounded by the amax, so no underflow-free
+// range holds; a bracket decides instead. With below = RN(y (1 - 2^-20)) and
+// above = RN(y (1 + 2^-20)), 1/s normal gives below < 1/s < above, so
+// x*below <= t <= x*above (x >= 0; reversed for x < 0) and, RN and bf16
+// rounding being monotone, bf16(RN(x*below)) <= bf16(RN(t)) <= bf16(RN(x*above)).
+// Where the outer two agree (and are not NaN) the middle one equals them
+// (zeros included: all carry the sign of x); no product error bound is used,
+// so subnormal and overflowing products are covered. Elsewhere (~0.3% of
+// values: bf16 inputs often divide to an exact bf16 tie) the lane divides.
+struct RowDivisor {
+  float scale = 1.0f, reciprocal = 1.0f;
+  bool markstein_exact = false;  // the e4m3 condition above holds for this row
+};
+
+__device__ __forceinline__ RowDivisor row_divisor(float scale) {
+  RowDivisor d;
+  d.scale = scale;
+  d.reciprocal = __frcp_rn(scale);
+  d.markstein_exact =
+      scale >= 0x1p-88f && scale <= 0x1p120f && (__float_as_uint(scale) & 0x7fffffu) <= 0x7ffffbu;
+  return d;
+}
+
+__device__ __forceinline__ float divide_markstein(float x, const RowDivisor& d) {
+  const float q0 = __fmul_rn(x, d.reciprocal);
+  const float q1 = __fmaf_rn(__fmaf_rn(-q0, d.scale, x), d.reciprocal, q0);
+  const float q2 = __fmaf_rn(__fmaf_rn(-q1, d.scale, x), d.reciprocal, q1);
+  return copysignf(q2, x);
+}
+
+__device__ __forceinline__ uint32_t e4m3x4_markstein(const float* v, const RowDivisor& d) {
+  return e4m3x2_bits(divide_markstein(v[0], d), divide_markstein(v[1], d)) |
+         (e4m3x2_bits(divide_markstein(v[2], d), divide_markstein(v[3], d)) << 16);
+}
+
+__device__ __forceinline__ uint32_t e4m3x4_divided(const float* v, float scale) {
+  return e4m3x2_bits(__fdiv_rn(v[0], scale), __fdiv_rn(v[1], scale)) |
+         (e4m3x2_bits(__fdiv_rn(v[2], scale), __fdiv_rn(v[3], scale)) << 16);
+}
+
+// 16 values -> 16 e4m3 bytes of v / scale. False where the row condition
+// fails or a value is NaN (then `codes` is to be recomputed by division).
+__device__ __forceinline__ bool e4m3x16_markstein(const float (&v)[kNopePerLane], const RowDivisor& d,
+                                                  uint32_t (&codes)[4]) {
+  uint32_t nan_probe = 0;
+#pragma unroll
+  for (int k = 0; k < 4; ++k) {
+    codes[k] = e4m3x4_markstein(v + 4 * k, d);
+    nan_probe |= (codes[k] & 0x7f7f7f7fu) + 0x01010101u;  // bit 7 of a byte set <=> it was 0x7f/0xff (NaN)
+  }
+  return (nan_probe & 0x80808080u) == 0;
+}
+
+// 8 values -> 8 bf16 of v / scale by the bracket; false where undecided.
+__device__ __forceinline__ bool bf16x8_by_bracket(const float (&v)[kRopePerLane], const RowDivisor& d,
+                                                  uint4& packed) {
+  const float below = __fmul_rn(d.reciprocal, 1.0f - 0x1p-20f), above = __fmul_rn(d.reciprocal, 1.0f + 0x1p-20f);
+  uint32_t lo[4], differ = 0, nan_probe = 0;
+#pragma unroll
+  for (int k = 0; k < 4; ++k) {
+    lo[k] = bf16x2_bits(__fmul_rn(v[2 * k], below), __fmul_rn(v[2 * k + 1], below));
+    const uint32_t hi = bf16x2_bits(__fmul_rn(v[2 * k], above), __fmul_rn(v[2 * k + 1], above));
+    differ |= lo[k] ^ hi;
+    nan_probe |= (lo[k] & 0x7fff7fffu) + 0x007f007fu;  // bit 15 of a half set <=> that half > 0x7f80 (NaN)
+  }
+  packed = make_uint4(lo[0], lo[1], lo[2], lo[3]);
+  // 1/s normal (the bracket's premise): s in [2^-126, 2^120].
+  const bool usable = d.scale >= 0x1p-126f && d.scale <= 0x1p120f;
+  return usable && (differ | (nan_probe & 0x80008000u)) == 0;
+}
+
+// The one implementation of the fp8 row format, given the row's scale
+// (fp8_scale_from_amax of the warp's amax of |nope|, as RowDivisor assumes). All 32 lanes call it with the lane
+// layout above (`rope` is ignored on lanes >= 8). Writes 512 e4m3 bytes at
+// nope_row, the scale at *scale_out and 64 bf16 at rope_row; kStreaming marks
+// the two rows' stores evict-first (global memory only).
+template <bool kAligned, bool kStreaming = false>
+__device__ __forceinline__ void quantize_row_scaled(int lane, const float (&nope)[kNopePerLane],
+                                                    const float (&rope)[kRopePerLane], float scale,
+                                                    uint8_t* nope_row, float* scale_out, uint16_t* rope_row) {
+  const RowDivisor divisor = row_divisor(scale);
+  uint32_t w[4];
+  bool divide = true;
+  if (divisor.markstein_exact) divide = !e4m3x16_markstein(nope, divisor, w);  // uniform branch
+  if (divide) {
+#pragma unroll
+    for (int k = 0; k < 4; ++k) w[k] = e4m3x4_divided(nope + 4 * k, scale);
+  }
+  store16_hint<kAligned, kStreaming>(nope_row + kNopePerLane * lane, make_uint4(w[0], w[1], w[2], w[3]));
+  if (lane < kRopeLanes) {
+    uint4 packed;
+    if (!bf16x8_by_bracket(rope, divisor, packed)) {
+      float scaled[kRopePerLane];
+#pragma unroll
+      for (int i = 0; i < kRopePerLane; ++i) scaled[i] = __fdiv_rn(rope[i], scale);
+      packed = pack_bf16x8(scaled);
+    }
+    store16_hint<kAligned, kStreaming>(rope_row + kRopePerLane * lane, packed);
+  }
+  if (lane == 0) *scale_out = scale;
+}
+
+// quantize_row_scaled with the scale from the row's own amax.
 template <bool kAligned>
 __device__ __forceinline__ void quantize_row(int lane, const float (&nope)[kNopePerLane],
                                              const float (&rope)[kRopePerLane], uint8_t* nope_row,
@@ -146,24 +350,7 @@ __device__ __forceinline__ void quantize_row(int lane, const float (&nope)[kNope
   for (int i = 0; i < kNopePerLane; ++i) amax = fmaxf(amax, fabsf(nope[i]));
   // max is exact and order-free, so the warp tree equals the CPU's loop.
   amax = warp_max(amax);
-  const float scale = fp8_scale_from_amax(amax);
-
-  uint32_t w[4];
-#pragma unroll
-  for (int k = 0; k < 4; ++k) {
-    const uint32_t b01 = e4m3x2_bits(__fdiv_rn(nope[4 * k], scale), __fdiv_rn(nope[4 * k + 1], scale));
-    const uint32_t b23 =
-        e4m3x2_bits(__fdiv_rn(nope[4 * k + 2], scale), __fdiv_rn(nope[4 * k + 3], scale));
-    w[k] = b01 | (b23 << 16);
-  }
-  store16<kAligned>(nope_row + kNopePerLane * lane, make_uint4(w[0], w[1], w[2], w[3]));
-  if (lane < kRopeLanes) {
-    float scaled[kRopePerLane];
-#pragma unroll
-    for (int i = 0; i < kRopePerLane; ++i) scaled[i] = __fdiv_rn(rope[i], scale);
-    store16<kAligned>(rope_row + kRopePerLane * lane, pack_bf16x8(scaled));
-  }
-  if (lane == 0) *scale_out = scale;
+  quantize_row_scaled<kAligned>(lane, nope, rope, fp8_scale_from_amax(amax), nope_row, scale_out, rope_row);
 }
 
 // Launches use blocks of kRowsPerBlock warps, one warp per row.

@@ -121,13 +121,15 @@ __device__ __forceinline__ void mma_64x64x16_bf16_ss(float (&d)[32], uint64_t de
   detail::ss<cute::SM90::GMMA::MMA_64x64x16_F32BF16BF16_SS<gmma::Major::K, gmma::Major::K>>(
       d, desc_a, desc_b, accumulate ? gmma::ScaleOut::One : gmma::ScaleOut::Zero, std::make_index_sequence<32>{});
 }
-// D[64 x 256] += A[64 x 32 e4m3] (registers) . B[256 x 32 e4m3]^T (K-major, shared).
-// A fragment (as mma.m16n8k32's, per warp of 16 rows): register 0 holds row
-// lane / 4, k bytes 4 (lane % 4) + {0..3}; register 1 the same for row + 8;
-// registers 2, 3 the same at k bytes 16 + 4 (lane % 4) + {0..3}.
-__device__ __forceinline__ void mma_64x256x32_e4m3_rs(float (&d)[128], const uint32_t (&a)[4], uint64_t desc_b) {
-  detail::rs<cute::SM90::GMMA::MMA_64x256x32_F32E4M3E4M3_RS_TN<>>(d, a, desc_b, gmma::ScaleOut::One,
-                                                                  std::make_index_sequence<128>{});
+// D[64 x 128] (+)= A[64 x 32 e4m3] (registers) . B[128 x 32 e4m3]^T (K-major, shared).
+// A fragment (CuTe's ALayout_64x32; as mma.m16n8k32's, per warp of 16 rows):
+// register 0 holds row lane / 4, k bytes 4 (lane % 4) + {0..3} (byte i = k
+// 4 (lane % 4) + i); register 1 the same for row + 8; registers 2, 3 the same
+// at k bytes 16 + 4 (lane % 4) + {0..3}.
+__device__ __forceinline__ void mma_64x128x32_e4m3_rs(float (&d)[64], const uint32_t (&a)[4], uint64_t desc_b,
+                                                      bool accumulate) {
+  detail::rs<cute::SM90::GMMA::MMA_64x128x32_F32E4M3E4M3_RS_TN<>>(
+      d, a, desc_b, accumulate ? gmma::ScaleOut::One : gmma::ScaleOut::Zero, std::make_index_sequence<64>{});
 }
 
 }  // namespace snapmla::cuda::sm90::wgmma
