@@ -127,13 +127,14 @@ int run_bench(int argc, char** argv) {
   Options opt(argc, argv);
   if (opt.has("help")) {
     std::printf(
-        "snapmla bench [--format both|bf16|fp8] [--quick] [--groups 5] [--calls 20] [--json PATH]\n"
+        "snapmla bench [--format both|bf16|fp8] [--quick] [--only NAME] [--groups 5] [--calls 20] [--json PATH]\n"
         "  Times mla_decode (metadata excluded, split-KV + combine included) on FlashMLA's anchor configs\n"
         "  and a varlen batch, both cache formats in the same run, and prints us, TFLOP/s, GB/s, the\n"
-        "  fp8/bf16 speed-up and the ratio to FlashMLA's measured H100 times. Needs a Hopper GPU.\n");
+        "  fp8/bf16 speed-up and the ratio to FlashMLA's measured H100 times. Needs a Hopper GPU.\n"
+        "  --only NAME runs one config (e.g. b64_sq1_h128_sk4096), for profiling.\n");
     return 0;
   }
-  opt.reject_unknown({"format", "quick", "groups", "calls", "json"});
+  opt.reject_unknown({"format", "quick", "only", "groups", "calls", "json"});
 #if !defined(SNAPMLA_WITH_CUDA)
   std::fprintf(stderr, "snapmla bench: built without CUDA\n");
   return 1;
@@ -168,7 +169,9 @@ int run_bench(int argc, char** argv) {
   std::printf("\n%-24s %-5s %9s %8s %8s %9s %11s\n", "config", "fmt", "us", "TFLOP/s", "GB/s", "fp8/bf16",
               "vs FlashMLA");
   bool first_row = true;
+  const std::string only = opt.get("only", "");
   for (const BenchConfig& c : bench_configs(opt.has("quick"))) {
+    if (!only.empty() && c.name != only) continue;
     std::vector<Timing> t;
     for (size_t i = 0; i < formats.size(); ++i) t.push_back(time_decode(c, formats[i], seeds[i], groups, calls));
     for (size_t i = 0; i < formats.size(); ++i) {
