@@ -163,7 +163,7 @@ int run_bench(int argc, char** argv) {
   seed_spec.seed = 3;
   const synthetic::Workload seed_workload = synthetic::make_workload(seed_spec);
   std::vector<HostKvCache> seeds;
-  for (KvFormat f : formats) seeds.push_back(build_host_cache(seed_workload, f));
+  for (KvFormat f : formats) seeds.push_back(host_kv_cache_from_workload(seed_workload, f));
 
   std::string json = "{\n  \"device\": \"" + std::string(prop.name) + "\",\n  \"rows\": [\n";
   std::printf("\n%-24s %-5s %9s %8s %8s %9s %11s\n", "config", "fmt", "us", "TFLOP/s", "GB/s", "fp8/bf16",

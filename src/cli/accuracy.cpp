@@ -176,13 +176,13 @@ CaseResult run_case(const StudyConfig& cfg, synthetic::Distribution distribution
   // The unquantized keys, and the snapmla format through the library:
   // write_kv_cache, then read back as stored. Independent, so side by side.
   Keys exact(cfg.batch), snap_keys(cfg.batch);
-  HostKvCache fp8_cache;
+  HostKvCache fp8_cache(KvFormat::kFP8, 0);
   cpu::parallel_for(2, [&](int64_t job) {
     if (job == 0) {
       for (int b = 0; b < cfg.batch; ++b) exact[b] = synthetic::sequence_keys(w, b);
       return;
     }
-    fp8_cache = build_host_cache(w, KvFormat::kFP8);
+    fp8_cache = host_kv_cache_from_workload(w, KvFormat::kFP8);
     for (int b = 0; b < cfg.batch; ++b)
       snap_keys[b] = schemes::dequantize_cache_tokens(fp8_cache.view(), &w.slot_mapping[w.token_offset[b]],
                                                       w.token_offset[b + 1] - w.token_offset[b]);

@@ -12,56 +12,10 @@
 
 namespace snapmla::cli {
 
-KvCacheView HostKvCache::view() {
-  KvCacheView v;
-  v.format = format;
-  const Device cpu = Device::cpu();
-  if (format == KvFormat::kBF16) {
-    v.data = TensorView::contiguous(data.data(), DType::kBFloat16, cpu, {num_pages, kPageSize, 1, kHeadDim});
-  } else {
-    v.nope = TensorView::contiguous(nope.data(), DType::kFloat8E4M3, cpu, {num_pages, kPageSize, 1, kNopeDim});
-    v.scale = TensorView::contiguous(scale.data(), DType::kFloat32, cpu, {num_pages, kPageSize, 1, 1});
-    v.rope = TensorView::contiguous(rope.data(), DType::kBFloat16, cpu, {num_pages, kPageSize, 1, kRopeDim});
-  }
-  return v;
-}
-
-HostKvCache build_host_cache(const synthetic::Workload& w, KvFormat format) {
-  HostKvCache c;
-  c.format = format;
-  c.num_pages = w.num_pages;
-  const size_t slots = static_cast<size_t>(w.num_pages) * kPageSize;
-  if (format == KvFormat::kBF16) {
-    c.data.assign(slots * kHeadDim, 0);
-  } else {
-    c.nope.assign(slots * kNopeDim, 0);
-    c.scale.assign(slots, 1.0f);
-    c.rope.assign(slots * kRopeDim, 0);
-  }
-  const int64_t n = static_cast<int64_t>(w.slot_mapping.size());
-  if (n == 0) return c;
-  const Device cpu = Device::cpu();
-  auto c_kv = TensorView::contiguous(const_cast<float*>(w.c_kv.data()), DType::kFloat32, cpu, {n, kNopeDim});
-  auto k_pe = TensorView::contiguous(const_cast<float*>(w.k_pe.data()), DType::kFloat32, cpu, {n, kRopeDim});
-  auto slots_view = TensorView::contiguous(const_cast<int32_t*>(w.slot_mapping.data()), DType::kInt32, cpu, {n});
-  write_kv_cache(c_kv, k_pe, slots_view, c.view());
-  return c;
-}
-
-namespace {
-
-std::vector<uint16_t> query_bf16(const std::vector<float>& values) {
-  std::vector<uint16_t> q(values.size());
-  for (size_t i = 0; i < q.size(); ++i) q[i] = float_to_bf16_bits(values[i]);
-  return q;
-}
-
-}  // namespace
-
 DecodeOutput decode_on_cpu(const synthetic::Workload& w, HostKvCache& cache) {
   const auto& s = w.spec;
   const Device cpu = Device::cpu();
-  std::vector<uint16_t> q = query_bf16(w.q);
+  std::vector<uint16_t> q = to_bf16_bits(w.q);
   std::vector<uint16_t> out(static_cast<size_t>(s.batch) * s.s_q * s.h_q * kHeadDimV);
   std::vector<float> lse(static_cast<size_t>(s.batch) * s.h_q * s.s_q);
   DecodeParams p;
@@ -146,7 +100,7 @@ GpuDecode::GpuDecode(const synthetic::WorkloadSpec& s, const std::vector<float>&
   m.max_pages = max_pages;
   m.format = seed.format;
   const Device gpu = Device::cuda(0);
-  m.q = upload(query_bf16(q));
+  m.q = upload(to_bf16_bits(q));
   m.block_table = upload(block_table);
   m.seqlens = upload(s.seqlens);
   KvCacheView& v = m.params.cache;

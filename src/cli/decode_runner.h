@@ -8,22 +8,10 @@
 #include <vector>
 
 #include "core/synthetic.h"
+#include "cpu/host_kv_cache.h"
 #include "snapmla/snapmla.h"
 
 namespace snapmla::cli {
-
-// A paged cache held in host memory, filled through snapmla::write_kv_cache.
-struct HostKvCache {
-  KvFormat format = KvFormat::kBF16;
-  int64_t num_pages = 0;
-  std::vector<uint16_t> data;   // bf16
-  std::vector<uint8_t> nope;    // fp8
-  std::vector<float> scale;     // fp8
-  std::vector<uint16_t> rope;   // fp8
-  KvCacheView view();
-};
-
-HostKvCache build_host_cache(const synthetic::Workload& w, KvFormat format);
 
 struct DecodeOutput {
   std::vector<double> out;  // [b, s_q, h_q, 512]

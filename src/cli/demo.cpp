@@ -67,7 +67,7 @@ int run_demo(int argc, char** argv) {
 
   std::printf("\n  output vs float64 reference on the unquantized data:\n");
   for (KvFormat f : {KvFormat::kBF16, KvFormat::kFP8}) {
-    HostKvCache cache = build_host_cache(w, f);
+    HostKvCache cache = host_kv_cache_from_workload(w, f);
     DecodeOutput got;
     double millis = 0;
     const auto t0 = std::chrono::steady_clock::now();

@@ -109,29 +109,6 @@ void q_rows_range(int q_rows) {
 
 [[maybe_unused]] int ceil_div(int a, int b) { return (a + b - 1) / b; }
 
-// CPU only (a CUDA check would need a synchronising copy; the CUDA backend
-// does it under check_indices): every page a sequence uses is in the pool.
-void check_paged_indices(const TensorView& block_table, const TensorView& cache_seqlens, int64_t num_pages) {
-  const int64_t batch = block_table.shape[0], max_pages = block_table.shape[1];
-  const int32_t* seqlens = cache_seqlens.ptr<const int32_t>();
-  const int32_t* table = block_table.ptr<const int32_t>();
-  for (int64_t b = 0; b < batch; ++b) {
-    const int64_t s_k = seqlens[b];
-    if (s_k < 0 || s_k > max_pages * kPageSize)
-      throw Error("cache_seqlens", "sequence " + std::to_string(b) + " has length " + std::to_string(s_k) +
-                                       ", outside [0, " + std::to_string(max_pages * kPageSize) +
-                                       "] (block_table has " + std::to_string(max_pages) + " pages per row)");
-    const int64_t used = pages_for_tokens(static_cast<int32_t>(s_k));
-    for (int64_t p = 0; p < used; ++p) {
-      const int64_t page = table[b * max_pages + p];
-      if (page < 0 || page >= num_pages)
-        throw Error("block_table", "sequence " + std::to_string(b) + " page " + std::to_string(p) + " is " +
-                                       std::to_string(page) + ", outside the cache's [0, " +
-                                       std::to_string(num_pages) + ")");
-    }
-  }
-}
-
 void validate_schedule(const DecodeSchedule& schedule, int64_t batch, Device device) {
   dense(schedule.tile_scheduler_metadata, "tile_scheduler_metadata", {DType::kInt32},
         {kAny, kScheduleMetadataFields}, device);
@@ -346,7 +323,9 @@ void mla_decode(const DecodeParams& params, StreamHandle stream) {
   }
   (void)stream;
   // The CPU reads the cache directly, so indices are always checked there.
-  check_paged_indices(params.block_table, params.cache_seqlens, cache.num_pages());
+  // CPU only: the CUDA backend copies the indices to the host first (under check_indices).
+  check::paged_indices(params.cache_seqlens.ptr<const int32_t>(), params.block_table.ptr<const int32_t>(),
+                       params.block_table.shape[0], params.block_table.shape[1], cache.num_pages());
   cpu::mla_decode(params);  // resolves softmax_scale 0 in double
 }
 

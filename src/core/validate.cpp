@@ -1,5 +1,7 @@
 #include "core/validate.h"
 
+#include "core/schedule.h"
+
 #include <sstream>
 
 namespace snapmla::check {
@@ -58,6 +60,25 @@ void on_device(const TensorView& t, const char* name, Device device) {
 
 void argument(bool ok, const char* name, const std::string& message) {
   if (!ok) throw Error(name, message);
+}
+
+void paged_indices(const int32_t* cache_seqlens, const int32_t* block_table, int64_t batch, int64_t max_pages,
+                   int64_t num_pages) {
+  for (int64_t b = 0; b < batch; ++b) {
+    const int64_t s_k = cache_seqlens[b];
+    if (s_k < 0 || s_k > max_pages * kPageSize)
+      throw Error("cache_seqlens", "sequence " + std::to_string(b) + " has length " + std::to_string(s_k) +
+                                       ", outside [0, " + std::to_string(max_pages * kPageSize) +
+                                       "] (block_table has " + std::to_string(max_pages) + " pages per row)");
+    const int64_t used = pages_for_tokens(static_cast<int32_t>(s_k));
+    for (int64_t p = 0; p < used; ++p) {
+      const int64_t page = block_table[b * max_pages + p];
+      if (page < 0 || page >= num_pages)
+        throw Error("block_table", "sequence " + std::to_string(b) + " page " + std::to_string(p) + " is " +
+                                       std::to_string(page) + ", outside the cache's [0, " +
+                                       std::to_string(num_pages) + ")");
+    }
+  }
 }
 
 }  // namespace snapmla::check

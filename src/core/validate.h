@@ -21,6 +21,10 @@ void contiguous(const TensorView& t, const char* name);
 void inner_contiguous(const TensorView& t, const char* name);
 void on_device(const TensorView& t, const char* name, Device device);
 void argument(bool ok, const char* name, const std::string& message);
+// Every page a sequence uses lies in [0, num_pages) and every length fits its
+// block_table row. Host arrays: cache_seqlens [batch], block_table [batch, max_pages].
+void paged_indices(const int32_t* cache_seqlens, const int32_t* block_table, int64_t batch, int64_t max_pages,
+                   int64_t num_pages);
 // The same, building the message only on failure (hot paths: every decode call).
 template <typename MakeMessage>
   requires std::invocable<MakeMessage>

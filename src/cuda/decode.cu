@@ -12,6 +12,7 @@
 #include <vector>
 
 #include "core/schedule.h"
+#include "core/validate.h"
 #include "cuda/backend.h"
 #include "cuda/check.h"
 #include "cuda/sm90/decode_launch.cuh"
@@ -49,21 +50,7 @@ void check_indices_on_host(const DecodeParams& params, int64_t num_pages, cudaSt
   SNAPMLA_CUDA_CHECK(cudaMemcpyAsync(table.data(), params.block_table.data, table.size() * sizeof(int32_t),
                                      cudaMemcpyDeviceToHost, stream));
   SNAPMLA_CUDA_CHECK(cudaStreamSynchronize(stream));
-  for (int64_t b = 0; b < batch; ++b) {
-    const int64_t s_k = seqlens[b];
-    if (s_k < 0 || s_k > max_pages * kPageSize)
-      throw Error("cache_seqlens", "sequence " + std::to_string(b) + " has length " + std::to_string(s_k) +
-                                       ", outside [0, " + std::to_string(max_pages * kPageSize) +
-                                       "] (block_table has " + std::to_string(max_pages) + " pages per row)");
-    const int64_t used = pages_for_tokens(static_cast<int32_t>(s_k));
-    for (int64_t p = 0; p < used; ++p) {
-      const int64_t page = table[b * max_pages + p];
-      if (page < 0 || page >= num_pages)
-        throw Error("block_table", "sequence " + std::to_string(b) + " page " + std::to_string(p) + " is " +
-                                       std::to_string(page) + ", outside the cache's [0, " +
-                                       std::to_string(num_pages) + ")");
-    }
-  }
+  check::paged_indices(seqlens.data(), table.data(), batch, max_pages, num_pages);
 }
 
 }  // namespace

@@ -35,6 +35,17 @@
 //           4,5,12,13, 6,7,14,15}, so that a thread's own S columns
 //           8 j + 2 (lane % 4) + {0, 1} are exactly the k bytes the RS A
 //           fragment wants from it (see pack_p below).
+//
+// Two per-page schemes (WgmmaVariant, picked at launch: decode_fp8_wgmma.cu):
+//   kRedundantQk (v2) as described above.
+//   kSplitTokens (v3) removes v2's redundancy: warpgroup g computes S only for
+//        the page's tokens [32 g, 32 g + 32) (m64n32 QK, half the MMA and half
+//        the softmax instructions), the two warpgroups exchange per-row maxima
+//        of x and of f through shared memory (the page's m and P scale need all
+//        64 tokens; max is exact, so m, s_p and beta are v2's bit for bit), each
+//        writes its half of P^ into a shared K-major SW64 tile in V^T's token
+//        order, and PV reads P^ from there (SS form). Each warpgroup keeps its
+//        own part of l (both apply the same beta), summed in the epilogue.
 #pragma once
 
 #include <cuda_runtime.h>
@@ -63,6 +74,7 @@ inline constexpr int kNopeTiles = kNopeDim / kTileRowBytes;        // 4 QK chunk
 inline constexpr int kNopeChunks = kNopeDim / 16;                  // 16-byte chunks per NoPE row
 inline constexpr int kRopeChunks = kRopeDim * 2 / 16;              // per RoPE row
 inline constexpr int kVtRowBytes = kPageSize;                      // e4m3 tokens per V^T row
+inline constexpr int kTokensPerWarpGroup = kPageSize / kWarpGroups;  // v3: S columns per warpgroup
 inline constexpr float kNegInf = -__builtin_huge_valf();
 static_assert(kPageSize == 64 && kRows == 64, "tile shapes assume 64-token pages and 64-row CTAs");
 static_assert(kRopeDim * 2 == kTileRowBytes, "a RoPE row must be one SW128 row");
@@ -83,12 +95,18 @@ struct Smem {
   static constexpr int kStageScale = kStageRope + kTileBytes;
   static constexpr int kStageBytes = align1024(kStageScale + kPageSize * 4);
   static constexpr int kVt = kStage0 + kStages * kStageBytes;
-  static constexpr int kBytes = kVt + kHeadDimV * kVtRowBytes;
+  // v3 only: P^ [64 rows x 64 tokens] e4m3, K-major SW64 in V^T's token
+  // order; then per-row exchanges [2 warpgroups][64 rows] f32 of the page's
+  // x maximum, f maximum, and (epilogue) l.
+  static constexpr int kPTile = kVt + kHeadDimV * kVtRowBytes;
+  static constexpr int kExchange = kPTile + kRows * kVtRowBytes;
+  static constexpr int kExchangeFloats = kWarpGroups * kRows;
+  static constexpr int kBytes = kExchange + 3 * kExchangeFloats * 4;
   // The dynamic shared memory base is aligned up to 1024 at run time.
   static constexpr int kAllocBytes = kBytes + 1024;
   static_assert(kAllocBytes <= 227 * 1024, "wgmma decode tile does not fit in shared memory");
   static_assert(kQ % 1024 == 0 && kQRope % 1024 == 0 && kStage0 % 1024 == 0 && kStageBytes % 1024 == 0 &&
-                    kStageRope % 1024 == 0 && kVt % 1024 == 0,
+                    kStageRope % 1024 == 0 && kVt % 1024 == 0 && kPTile % 1024 == 0,
                 "wgmma operand tiles must be 1024-byte aligned");
 };
 
@@ -150,8 +168,33 @@ __device__ __forceinline__ void issue_qk_chunk(float (&t)[32], uint32_t q_tiles,
                                 wgmma::make_desc(k_tiles + offset, wgmma::Swizzle::k128B), k > 0);
   }
 }
+// The same for 32 tokens (v3), from descriptor low words (wgmma::desc_at) of
+// Q8 and of the warpgroup's first K8 token row.
+__device__ __forceinline__ void issue_qk_chunk(float (&t)[16], uint32_t q_desc, uint32_t k_desc, int chunk) {
+#pragma unroll
+  for (int k = 0; k < kTileRowBytes / 32; ++k) {
+    const uint32_t offset = chunk * kTileBytes + 32 * k;
+    wgmma::mma_64x32x32_e4m3_ss(t, wgmma::desc_at(q_desc, offset, wgmma::Swizzle::k128B),
+                                wgmma::desc_at(k_desc, offset, wgmma::Swizzle::k128B), k > 0);
+  }
+}
 
+// 2^x on MUFU.EX2 alone: the ftz form skips exp2f's rescaling around results
+// below 2^-126, which only differ from 0 for tokens whose weight relative to
+// the row's running maximum is below 2^-126 (invisible after normalisation).
+__device__ __forceinline__ float exp2_ftz(float x) {
+  float y;
+  asm("ex2.approx.ftz.f32 %0, %1;" : "=f"(y) : "f"(x));
+  return y;
+}
+
+// The per-page schemes (see the top of the file).
+enum class WgmmaVariant { kRedundantQk, kSplitTokens };
+
+template <WgmmaVariant kVariant>
 __global__ void __launch_bounds__(kThreads, 1) mla_decode_fp8_wgmma_kernel(const DecodeKernelParams p) {
+  constexpr bool kSplitTokens = kVariant == WgmmaVariant::kSplitTokens;
+  constexpr int kSRegs = kSplitTokens ? 16 : 32;  // S fragment: m64n32 (v3) or m64n64 (v2)
   extern __shared__ __align__(1024) uint8_t smem_raw[];
   // The swizzle is a function of address bits 4..9, so tiles start 1024-byte aligned.
   const uint32_t raw_base = smem_address(smem_raw);
@@ -161,7 +204,9 @@ __global__ void __launch_bounds__(kThreads, 1) mla_decode_fp8_wgmma_kernel(const
   const int tid = threadIdx.x;
   const int lane = tid & 31;
   const int warp = tid >> 5;
-  const int warp_group = warp >> 2;    // PV: output dims [256 g, 256 g + 256)
+  // PV: output dims [256 g, 256 g + 256). Through a shuffle so that the
+  // compiler knows it is warp-uniform (v3's descriptors then stay in uniform registers).
+  const int warp_group = __shfl_sync(0xffffffffu, warp >> 2, 0);
   const int group_warp = warp & 3;     // fragment rows [16 w, 16 w + 16)
   const int group_row = lane >> 2;
   const int quad_lane = lane & 3;
@@ -172,6 +217,15 @@ __global__ void __launch_bounds__(kThreads, 1) mla_decode_fp8_wgmma_kernel(const
   const uint32_t q_tiles = smem_base + Smem::kQ;
   const uint32_t q_rope_tile = smem_base + Smem::kQRope;
   const uint32_t vt_base = smem_base + Smem::kVt;
+  const uint32_t p_tile = smem_base + Smem::kPTile;
+  float* max_exchange = reinterpret_cast<float*>(smem + Smem::kExchange);
+  float* f_max_exchange = max_exchange + Smem::kExchangeFloats;
+  float* sum_exchange = f_max_exchange + Smem::kExchangeFloats;
+  // v3's loop-invariant descriptor low words.
+  const uint32_t q_desc = wgmma::desc_low_word(q_tiles);
+  const uint32_t q_rope_desc = wgmma::desc_low_word(q_rope_tile);
+  const uint32_t p_desc = wgmma::desc_low_word(p_tile);
+  const uint32_t vt_desc = wgmma::desc_low_word(vt_base + warp_group * kDimsPerWarpGroup * kVtRowBytes);
 
   const SchedulePart part = load_schedule_part(p.tile_scheduler_metadata, blockIdx.y);
 
@@ -197,21 +251,38 @@ __global__ void __launch_bounds__(kThreads, 1) mla_decode_fp8_wgmma_kernel(const
       int64_t physical;
       const int valid_rows = page_rows(page, &physical);
       const uint32_t stage_base = smem_base + Smem::kStage0 + stage * Smem::kStageBytes;
+      // Thread tid copies chunk tid % C of rows tid / C + (kThreads / C) i: the
+      // row step is a multiple of 8, so the swizzle (a function of row % 8) is
+      // the same for all of a thread's rows and each copy is base + constant.
+      // A masked row's source is still a slot of the same in-pool page (never
+      // read: source size 0), so no address select is needed.
       const uint8_t* nope_page = p.kv_nope + physical * kPageSize * kNopeDim;
-#pragma unroll 1
-      for (int idx = tid; idx < kPageSize * kNopeChunks; idx += kThreads) {
-        const int row = idx / kNopeChunks, chunk = idx % kNopeChunks;
-        const bool valid = row < valid_rows;
-        cp_async_16(stage_base + nope_offset(row, chunk), valid ? nope_page + row * kNopeDim + chunk * 16 : nope_page,
-                    valid);
+      {
+        constexpr int kRowStep = kThreads / kNopeChunks;
+        static_assert(kThreads % kNopeChunks == 0 && kRowStep % 8 == 0 && kPageSize % kRowStep == 0,
+                      "NoPE copy rows must keep their swizzle phase");
+        const int row0 = tid / kNopeChunks, chunk = tid % kNopeChunks;
+        const uint32_t dst = stage_base + nope_offset(row0, chunk);
+        const uint8_t* src = nope_page + row0 * kNopeDim + chunk * 16;
+#pragma unroll
+        for (int i = 0; i < kPageSize / kRowStep; ++i) {
+          const bool valid = row0 + kRowStep * i < valid_rows;
+          cp_async_16(dst + kRowStep * kTileRowBytes * i, src + kRowStep * kNopeDim * i, valid);
+        }
       }
       const uint8_t* rope_page = reinterpret_cast<const uint8_t*>(p.kv_rope) + physical * kPageSize * kRopeDim * 2;
-#pragma unroll 1
-      for (int idx = tid; idx < kPageSize * kRopeChunks; idx += kThreads) {
-        const int row = idx / kRopeChunks, chunk = idx % kRopeChunks;
-        const bool valid = row < valid_rows;
-        cp_async_16(stage_base + Smem::kStageRope + wgmma::sw128_offset(row, chunk),
-                    valid ? rope_page + row * kRopeDim * 2 + chunk * 16 : rope_page, valid);
+      {
+        constexpr int kRowStep = kThreads / kRopeChunks;
+        static_assert(kThreads % kRopeChunks == 0 && kRowStep % 8 == 0 && kPageSize % kRowStep == 0,
+                      "RoPE copy rows must keep their swizzle phase");
+        const int row0 = tid / kRopeChunks, chunk = tid % kRopeChunks;
+        const uint32_t dst = stage_base + Smem::kStageRope + wgmma::sw128_offset(row0, chunk);
+        const uint8_t* src = rope_page + row0 * kRopeDim * 2 + chunk * 16;
+#pragma unroll
+        for (int i = 0; i < kPageSize / kRowStep; ++i) {
+          const bool valid = row0 + kRowStep * i < valid_rows;
+          cp_async_16(dst + kRowStep * kTileRowBytes * i, src + kRowStep * kRopeDim * 2 * i, valid);
+        }
       }
       // Masked tokens get scale 0 (their f = e * scale must be 0 whatever the slot holds).
       const float* scale_page = p.kv_scale + physical * kPageSize;
@@ -289,14 +360,14 @@ __global__ void __launch_bounds__(kThreads, 1) mla_decode_fp8_wgmma_kernel(const
     }
     float row_max[2] = {kNegInf, kNegInf};  // m, log2 units
     float p_scale[2] = {1.0f, 1.0f};        // current P scale s_p
-    float row_sum[2] = {0.0f, 0.0f};        // this thread's share of l (units of s_p)
+    float row_sum[2] = {0.0f, 0.0f};        // this thread's share of l (units of s_p; v3: of its warpgroup's half)
     float row_scale[2] = {p.scale_log2, p.scale_log2};
     float acc[128];  // O[row, 256 g + 8 j + 2 (lane % 4) + {0,1}] at 4 j + {0,1} (row) / {2,3} (row + 8)
 #pragma unroll
     for (int i = 0; i < 128; ++i) acc[i] = 0.0f;
-    float s[32], t[32];
+    float s[kSRegs], t[2][kSRegs];  // v2 uses t[0] only
 #pragma unroll
-    for (int i = 0; i < 32; ++i) s[i] = t[i] = 0.0f;
+    for (int i = 0; i < kSRegs; ++i) s[i] = t[0][i] = t[1][i] = 0.0f;
 
     for (int page = page_begin; page < page_end; ++page) {
       const int stage = (page - page_begin) % kStages;
@@ -308,6 +379,9 @@ __global__ void __launch_bounds__(kThreads, 1) mla_decode_fp8_wgmma_kernel(const
       if (page + 2 < page_end) load_page(page + 2, (stage + 2) % kStages);
       cp_async_commit();
 
+      // Read before the QK wgmma so that the block-table load's latency hides under it.
+      int64_t physical_unused;
+      const int valid_tokens = page_rows(page, &physical_unused);
       const uint32_t stage_base = smem_base + Smem::kStage0 + stage * Smem::kStageBytes;
       const float* k_scale_smem =
           reinterpret_cast<const float*>(smem + Smem::kStage0 + stage * Smem::kStageBytes + Smem::kStageScale);
@@ -316,136 +390,284 @@ __global__ void __launch_bounds__(kThreads, 1) mla_decode_fp8_wgmma_kernel(const
         row_scale[1] = q_scale_smem[local_row[1]] * p.scale_log2;
       }
 
-      // ---- S = Q K^T: RoPE into S, NoPE chunk c into T, S += T (fp32) ----
-      wgmma::fence_registers(s);
-      wgmma::fence_registers(t);
-      wgmma::fence();
-#pragma unroll
-      for (int k = 0; k < kRopeDim * 2 / 32; ++k)
-        wgmma::mma_64x64x16_bf16_ss(s, wgmma::make_desc(q_rope_tile + 32 * k, wgmma::Swizzle::k128B),
-                                    wgmma::make_desc(stage_base + Smem::kStageRope + 32 * k, wgmma::Swizzle::k128B),
-                                    k > 0);
-      issue_qk_chunk(t, q_tiles, stage_base, 0);
-      wgmma::commit();
-#pragma unroll
-      for (int chunk = 0; chunk < kNopeTiles; ++chunk) {
-        // A quarter of this page's V^T while the tensor cores run.
-        build_vt_units(stage_base, vt_base, warp, lane, chunk * kVtStepsPerChunk, (chunk + 1) * kVtStepsPerChunk);
-        wgmma::wait<0>();
+      if constexpr (!kSplitTokens) {
+        // ---- S = Q K^T: RoPE into S, NoPE chunk c into T, S += T (fp32) ----
         wgmma::fence_registers(s);
-        wgmma::fence_registers(t);
-#pragma unroll
-        for (int i = 0; i < 32; ++i) s[i] += t[i];
-        if (chunk + 1 < kNopeTiles) {
-          wgmma::fence_registers(t);
-          wgmma::fence();
-          issue_qk_chunk(t, q_tiles, stage_base, chunk + 1);
-          wgmma::commit();
-        }
-      }
-
-      // ---- online softmax over this page (v1's math; x, e, f in place in s) ----
-      int64_t physical_unused;
-      const int valid_tokens = page_rows(page, &physical_unused);
-      const int page_token0 = page * kPageSize;
-      float local_max[2] = {kNegInf, kNegInf};
-#pragma unroll
-      for (int j = 0; j < 8; ++j)
-#pragma unroll
-        for (int c = 0; c < 4; ++c) {
-          const int token = 8 * j + 2 * quad_lane + (c & 1);
-          const int half = c >> 1;
-          const bool keep = token < valid_tokens && page_token0 + token < visible[half];
-          float score = s[4 * j + c] * row_scale[half];
-          score *= k_scale_smem[token];
-          s[4 * j + c] = keep ? score : kNegInf;
-          local_max[half] = fmaxf(local_max[half], s[4 * j + c]);
-        }
-      float new_max[2], e_sum[2] = {0.0f, 0.0f};
-#pragma unroll
-      for (int half = 0; half < 2; ++half) new_max[half] = fmaxf(row_max[half], quad_max(local_max[half]));
-#pragma unroll
-      for (int i = 0; i < 32; ++i) {
-        const int half = (i >> 1) & 1;
-        // Nothing seen yet (m = -inf): every x is -inf and e = 0, without -inf - -inf.
-        const float base = new_max[half] == kNegInf ? 0.0f : new_max[half];
-        s[i] = exp2f(s[i] - base);
-        e_sum[half] += s[i];
-      }
-      // Fold the V scale into P (masked tokens: e = 0, scale zero-filled), then
-      // one e4m3 scale per (row, page).
-      float f_max[2] = {0.0f, 0.0f};
-#pragma unroll
-      for (int j = 0; j < 8; ++j)
-#pragma unroll
-        for (int c = 0; c < 4; ++c) {
-          const int token = 8 * j + 2 * quad_lane + (c & 1);
-          s[4 * j + c] *= k_scale_smem[token];
-          f_max[c >> 1] = fmaxf(f_max[c >> 1], s[4 * j + c]);
-        }
-      float beta[2], inv_scale[2];
-#pragma unroll
-      for (int half = 0; half < 2; ++half) {
-        const float page_f_max = quad_max(f_max[half]);
-        const bool any = page_f_max > 0.0f;
-        const float new_scale = any ? page_f_max / kE4M3Max : 1.0f;
-        inv_scale[half] = any ? kE4M3Max / page_f_max : 1.0f;
-        beta[half] =
-            row_max[half] == kNegInf ? 0.0f : exp2f(row_max[half] - new_max[half]) * (p_scale[half] * inv_scale[half]);
-        row_sum[half] = fmaf(row_sum[half], beta[half], e_sum[half] * inv_scale[half]);
-        p_scale[half] = new_scale;
-        row_max[half] = new_max[half];
-      }
-      // P^ as the RS A fragments of the 2 k steps (32 tokens each). k step kk,
-      // register 0: row lane/4, k bytes 4q..4q+3 (q = lane % 4) of token group
-      // 2 kk = tokens {2q, 2q+1, 8+2q, 9+2q} of it (permuted V^T order) = this
-      // thread's S columns of j = 4 kk (registers 4j+0, 4j+1) and j = 4 kk + 1;
-      // register 1: the same for row + 8 (4j+2, 4j+3); registers 2, 3: token
-      // group 2 kk + 1, i.e. j = 4 kk + 2 and 4 kk + 3.
-      uint32_t p_frag[2][4];
-#pragma unroll
-      for (int kk = 0; kk < 2; ++kk)
-#pragma unroll
-        for (int reg = 0; reg < 4; ++reg) {
-          const int half = reg & 1;
-          const int j0 = 4 * kk + 2 * (reg >> 1);
-          const int c0 = 2 * half;
-          const float inv = inv_scale[half];
-          const uint32_t lo = token_quant::e4m3x2_bits(s[4 * j0 + c0] * inv, s[4 * j0 + c0 + 1] * inv);
-          const uint32_t hi = token_quant::e4m3x2_bits(s[4 * (j0 + 1) + c0] * inv, s[4 * (j0 + 1) + c0 + 1] * inv);
-          p_frag[kk][reg] = lo | (hi << 16);
-        }
-
-      wgmma::fence_proxy_async_shared();
-      __syncthreads();  // V^T (written by all 256 threads) complete and visible to wgmma
-
-      // ---- O = O * beta + P^ V^ for this warpgroup's 256 dims ----
-      // The page's product is formed in a fresh fragment and added in fp32
-      // (as v1): the fp8 MMA's accumulator keeps ~13 mantissa bits (DeepSeek-V3
-      // report; SageAttention2's "FP22"), and accumulating every page into O
-      // through it would truncate O once per page. A fresh 256-wide fragment
-      // would need 128 more registers, so the 256 dims go as two n128 halves.
-#pragma unroll
-      for (int half_n = 0; half_n < 2; ++half_n) {
-        float product[64];
-        wgmma::fence_registers(product);
+        wgmma::fence_registers(t[0]);
         wgmma::fence();
 #pragma unroll
-        for (int kk = 0; kk < 2; ++kk)
-          wgmma::mma_64x128x32_e4m3_rs(
-              product, p_frag[kk],
-              wgmma::make_desc(vt_base + (warp_group * kDimsPerWarpGroup + half_n * kPvN) * kVtRowBytes + 32 * kk,
-                               wgmma::Swizzle::k64B),
-              kk > 0);
+        for (int k = 0; k < kRopeDim * 2 / 32; ++k)
+          wgmma::mma_64x64x16_bf16_ss(s, wgmma::make_desc(q_rope_tile + 32 * k, wgmma::Swizzle::k128B),
+                                      wgmma::make_desc(stage_base + Smem::kStageRope + 32 * k, wgmma::Swizzle::k128B),
+                                      k > 0);
+        issue_qk_chunk(t[0], q_tiles, stage_base, 0);
         wgmma::commit();
-        wgmma::wait<0>();
-        wgmma::fence_registers(product);
-        // product[4 j + c] is dim 128 half_n + 8 j + 2 (lane % 4) + (c & 1) of
-        // the warpgroup's 256: acc index 4 (16 half_n + j) + c.
 #pragma unroll
-        for (int i = 0; i < 64; ++i) {
-          float& o = acc[64 * half_n + i];
-          o = fmaf(o, beta[(i >> 1) & 1], product[i]);
+        for (int chunk = 0; chunk < kNopeTiles; ++chunk) {
+          // A quarter of this page's V^T while the tensor cores run.
+          build_vt_units(stage_base, vt_base, warp, lane, chunk * kVtStepsPerChunk, (chunk + 1) * kVtStepsPerChunk);
+          wgmma::wait<0>();
+          wgmma::fence_registers(s);
+          wgmma::fence_registers(t[0]);
+#pragma unroll
+          for (int i = 0; i < 32; ++i) s[i] += t[0][i];
+          if (chunk + 1 < kNopeTiles) {
+            wgmma::fence_registers(t[0]);
+            wgmma::fence();
+            issue_qk_chunk(t[0], q_tiles, stage_base, chunk + 1);
+            wgmma::commit();
+          }
+        }
+
+        // ---- online softmax over this page (v1's math; x, e, f in place in s) ----
+        const int page_token0 = page * kPageSize;
+        float local_max[2] = {kNegInf, kNegInf};
+#pragma unroll
+        for (int j = 0; j < 8; ++j)
+#pragma unroll
+          for (int c = 0; c < 4; ++c) {
+            const int token = 8 * j + 2 * quad_lane + (c & 1);
+            const int half = c >> 1;
+            const bool keep = token < valid_tokens && page_token0 + token < visible[half];
+            float score = s[4 * j + c] * row_scale[half];
+            score *= k_scale_smem[token];
+            s[4 * j + c] = keep ? score : kNegInf;
+            local_max[half] = fmaxf(local_max[half], s[4 * j + c]);
+          }
+        float new_max[2], e_sum[2] = {0.0f, 0.0f};
+#pragma unroll
+        for (int half = 0; half < 2; ++half) new_max[half] = fmaxf(row_max[half], quad_max(local_max[half]));
+#pragma unroll
+        for (int i = 0; i < 32; ++i) {
+          const int half = (i >> 1) & 1;
+          // Nothing seen yet (m = -inf): every x is -inf and e = 0, without -inf - -inf.
+          const float base = new_max[half] == kNegInf ? 0.0f : new_max[half];
+          s[i] = exp2f(s[i] - base);
+          e_sum[half] += s[i];
+        }
+        // Fold the V scale into P (masked tokens: e = 0, scale zero-filled), then
+        // one e4m3 scale per (row, page).
+        float f_max[2] = {0.0f, 0.0f};
+#pragma unroll
+        for (int j = 0; j < 8; ++j)
+#pragma unroll
+          for (int c = 0; c < 4; ++c) {
+            const int token = 8 * j + 2 * quad_lane + (c & 1);
+            s[4 * j + c] *= k_scale_smem[token];
+            f_max[c >> 1] = fmaxf(f_max[c >> 1], s[4 * j + c]);
+          }
+        float beta[2], inv_scale[2];
+#pragma unroll
+        for (int half = 0; half < 2; ++half) {
+          const float page_f_max = quad_max(f_max[half]);
+          const bool any = page_f_max > 0.0f;
+          const float new_scale = any ? page_f_max / kE4M3Max : 1.0f;
+          inv_scale[half] = any ? kE4M3Max / page_f_max : 1.0f;
+          beta[half] =
+              row_max[half] == kNegInf ? 0.0f : exp2f(row_max[half] - new_max[half]) * (p_scale[half] * inv_scale[half]);
+          row_sum[half] = fmaf(row_sum[half], beta[half], e_sum[half] * inv_scale[half]);
+          p_scale[half] = new_scale;
+          row_max[half] = new_max[half];
+        }
+        // P^ as the RS A fragments of the 2 k steps (32 tokens each). k step kk,
+        // register 0: row lane/4, k bytes 4q..4q+3 (q = lane % 4) of token group
+        // 2 kk = tokens {2q, 2q+1, 8+2q, 9+2q} of it (permuted V^T order) = this
+        // thread's S columns of j = 4 kk (registers 4j+0, 4j+1) and j = 4 kk + 1;
+        // register 1: the same for row + 8 (4j+2, 4j+3); registers 2, 3: token
+        // group 2 kk + 1, i.e. j = 4 kk + 2 and 4 kk + 3.
+        uint32_t p_frag[2][4];
+#pragma unroll
+        for (int kk = 0; kk < 2; ++kk)
+#pragma unroll
+          for (int reg = 0; reg < 4; ++reg) {
+            const int half = reg & 1;
+            const int j0 = 4 * kk + 2 * (reg >> 1);
+            const int c0 = 2 * half;
+            const float inv = inv_scale[half];
+            const uint32_t lo = token_quant::e4m3x2_bits(s[4 * j0 + c0] * inv, s[4 * j0 + c0 + 1] * inv);
+            const uint32_t hi = token_quant::e4m3x2_bits(s[4 * (j0 + 1) + c0] * inv, s[4 * (j0 + 1) + c0 + 1] * inv);
+            p_frag[kk][reg] = lo | (hi << 16);
+          }
+
+        wgmma::fence_proxy_async_shared();
+        __syncthreads();  // V^T (written by all 256 threads) complete and visible to wgmma
+
+        // ---- O = O * beta + P^ V^ for this warpgroup's 256 dims ----
+        // The page's product is formed in a fresh fragment and added in fp32
+        // (as v1): the fp8 MMA's accumulator keeps ~13 mantissa bits (DeepSeek-V3
+        // report; SageAttention2's "FP22"), and accumulating every page into O
+        // through it would truncate O once per page. A fresh 256-wide fragment
+        // would need 128 more registers, so the 256 dims go as two n128 halves.
+#pragma unroll
+        for (int half_n = 0; half_n < 2; ++half_n) {
+          float product[64];
+          wgmma::fence_registers(product);
+          wgmma::fence();
+#pragma unroll
+          for (int kk = 0; kk < 2; ++kk)
+            wgmma::mma_64x128x32_e4m3_rs(
+                product, p_frag[kk],
+                wgmma::make_desc(vt_base + (warp_group * kDimsPerWarpGroup + half_n * kPvN) * kVtRowBytes + 32 * kk,
+                                 wgmma::Swizzle::k64B),
+                kk > 0);
+          wgmma::commit();
+          wgmma::wait<0>();
+          wgmma::fence_registers(product);
+          // product[4 j + c] is dim 128 half_n + 8 j + 2 (lane % 4) + (c & 1) of
+          // the warpgroup's 256: acc index 4 (16 half_n + j) + c.
+#pragma unroll
+          for (int i = 0; i < 64; ++i) {
+            float& o = acc[64 * half_n + i];
+            o = fmaf(o, beta[(i >> 1) & 1], product[i]);
+          }
+        }
+      } else {
+        // ---- S = Q K^T for this warpgroup's 32 tokens: RoPE into S, NoPE chunk
+        // c into T[c % 2], S += T in fp32 (as v2), two chunks in flight ----
+        // Warp-uniform; the shuffle lets the compiler keep it in a uniform register.
+        const uint32_t k_desc = __shfl_sync(
+            0xffffffffu, wgmma::desc_low_word(stage_base + warp_group * kTokensPerWarpGroup * kTileRowBytes), 0);
+        wgmma::fence_registers(s);
+        wgmma::fence_registers(t[0]);
+        wgmma::fence_registers(t[1]);
+        wgmma::fence();
+#pragma unroll
+        for (int k = 0; k < kRopeDim * 2 / 32; ++k)
+          wgmma::mma_64x32x16_bf16_ss(s, wgmma::desc_at(q_rope_desc, 32 * k, wgmma::Swizzle::k128B),
+                                      wgmma::desc_at(k_desc, Smem::kStageRope + 32 * k, wgmma::Swizzle::k128B), k > 0);
+        issue_qk_chunk(t[0], q_desc, k_desc, 0);
+        wgmma::commit();
+        issue_qk_chunk(t[1], q_desc, k_desc, 1);
+        wgmma::commit();
+#pragma unroll
+        for (int chunk = 0; chunk < kNopeTiles; ++chunk) {
+          build_vt_units(stage_base, vt_base, warp, lane, chunk * kVtStepsPerChunk, (chunk + 1) * kVtStepsPerChunk);
+          // Groups in flight: this chunk's (with the RoPE steps for chunk 0) and the next one's.
+          if (chunk + 1 < kNopeTiles) {
+            wgmma::wait<1>();
+          } else {
+            wgmma::wait<0>();
+          }
+          float(&done)[kSRegs] = t[chunk & 1];
+          wgmma::fence_registers(s);
+          wgmma::fence_registers(done);
+#pragma unroll
+          for (int i = 0; i < kSRegs; ++i) s[i] += done[i];
+          if (chunk + 2 < kNopeTiles) {
+            wgmma::fence_registers(done);
+            wgmma::fence();
+            issue_qk_chunk(done, q_desc, k_desc, chunk + 2);
+            wgmma::commit();
+          }
+        }
+
+        // ---- online softmax (v2's math on 32 of the 64 columns) ----
+        // s[4 j + c]: row local_row[c / 2], page token token0 + 8 j + (c & 1).
+        const int token0 = warp_group * kTokensPerWarpGroup + 2 * quad_lane;
+        float2 k_scale[4];
+#pragma unroll
+        for (int j = 0; j < 4; ++j) k_scale[j] = *reinterpret_cast<const float2*>(k_scale_smem + token0 + 8 * j);
+        const int page_token0 = page * kPageSize;
+        int keep_below[2];  // tokens of the page this row sees
+#pragma unroll
+        for (int half = 0; half < 2; ++half) keep_below[half] = min(valid_tokens, visible[half] - page_token0);
+        float local_max[2] = {kNegInf, kNegInf};
+#pragma unroll
+        for (int j = 0; j < 4; ++j)
+#pragma unroll
+          for (int c = 0; c < 4; ++c) {
+            const int half = c >> 1;
+            float score = s[4 * j + c] * row_scale[half];
+            score *= (c & 1) ? k_scale[j].y : k_scale[j].x;
+            s[4 * j + c] = token0 + 8 * j + (c & 1) < keep_below[half] ? score : kNegInf;
+            local_max[half] = fmaxf(local_max[half], s[4 * j + c]);
+          }
+        // The page's m needs both halves: max is exact, so this is v2's value.
+#pragma unroll
+        for (int half = 0; half < 2; ++half) {
+          const float half_max = quad_max(local_max[half]);
+          if (quad_lane == 0) max_exchange[warp_group * kRows + local_row[half]] = half_max;
+        }
+        __syncthreads();
+        float new_max[2], e_sum[2] = {0.0f, 0.0f};
+#pragma unroll
+        for (int half = 0; half < 2; ++half)
+          new_max[half] =
+              fmaxf(row_max[half], fmaxf(max_exchange[local_row[half]], max_exchange[kRows + local_row[half]]));
+#pragma unroll
+        for (int i = 0; i < kSRegs; ++i) {
+          const int half = (i >> 1) & 1;
+          const float base = new_max[half] == kNegInf ? 0.0f : new_max[half];
+          s[i] = exp2_ftz(s[i] - base);
+          e_sum[half] += s[i];
+        }
+        float f_max[2] = {0.0f, 0.0f};
+#pragma unroll
+        for (int j = 0; j < 4; ++j)
+#pragma unroll
+          for (int c = 0; c < 4; ++c) {
+            s[4 * j + c] *= (c & 1) ? k_scale[j].y : k_scale[j].x;
+            f_max[c >> 1] = fmaxf(f_max[c >> 1], s[4 * j + c]);
+          }
+#pragma unroll
+        for (int half = 0; half < 2; ++half) {
+          const float half_f_max = quad_max(f_max[half]);
+          if (quad_lane == 0) f_max_exchange[warp_group * kRows + local_row[half]] = half_f_max;
+        }
+        __syncthreads();
+        float beta[2], inv_scale[2];
+#pragma unroll
+        for (int half = 0; half < 2; ++half) {
+          const float page_f_max = fmaxf(f_max_exchange[local_row[half]], f_max_exchange[kRows + local_row[half]]);
+          const bool any = page_f_max > 0.0f;
+          const float new_scale = any ? page_f_max / kE4M3Max : 1.0f;
+          inv_scale[half] = any ? kE4M3Max / page_f_max : 1.0f;
+          beta[half] = row_max[half] == kNegInf
+                           ? 0.0f
+                           : exp2f(row_max[half] - new_max[half]) * (p_scale[half] * inv_scale[half]);
+          row_sum[half] = fmaf(row_sum[half], beta[half], e_sum[half] * inv_scale[half]);
+          p_scale[half] = new_scale;
+          row_max[half] = new_max[half];
+        }
+        // P^ into the shared tile: token group 2 g + jj of row r holds, at bytes
+        // 4 q .. 4 q + 3, tokens {2q, 2q+1, 8+2q, 9+2q} of the group (V^T's
+        // order): exactly thread q's columns j = 2 jj and 2 jj + 1.
+#pragma unroll
+        for (int jj = 0; jj < 2; ++jj)
+#pragma unroll
+          for (int half = 0; half < 2; ++half) {
+            const int j0 = 2 * jj, c0 = 2 * half;
+            const float inv = inv_scale[half];
+            const uint32_t lo = token_quant::e4m3x2_bits(s[4 * j0 + c0] * inv, s[4 * j0 + c0 + 1] * inv);
+            const uint32_t hi =
+                token_quant::e4m3x2_bits(s[4 * (j0 + 1) + c0] * inv, s[4 * (j0 + 1) + c0 + 1] * inv);
+            st_shared_u32(p_tile + wgmma::sw64_offset(local_row[half], 2 * warp_group + jj) + 4 * quad_lane,
+                          lo | (hi << 16));
+          }
+
+        wgmma::fence_proxy_async_shared();
+        __syncthreads();  // V^T and both halves of P^ complete and visible to wgmma
+
+        // ---- O = O * beta + P^ V^ (as v2, with P^ read from shared memory) ----
+#pragma unroll
+        for (int half_n = 0; half_n < 2; ++half_n) {
+          float product[64];
+          wgmma::fence_registers(product);
+          wgmma::fence();
+#pragma unroll
+          for (int kk = 0; kk < 2; ++kk)
+            wgmma::mma_64x128x32_e4m3_ss(product, wgmma::desc_at(p_desc, 32 * kk, wgmma::Swizzle::k64B),
+                                         wgmma::desc_at(vt_desc, half_n * kPvN * kVtRowBytes + 32 * kk,
+                                                        wgmma::Swizzle::k64B),
+                                         kk > 0);
+          wgmma::commit();
+          wgmma::wait<0>();
+          wgmma::fence_registers(product);
+#pragma unroll
+          for (int i = 0; i < 64; ++i) {
+            float& o = acc[64 * half_n + i];
+            o = fmaf(o, beta[(i >> 1) & 1], product[i]);
+          }
         }
       }
     }
@@ -455,10 +677,23 @@ __global__ void __launch_bounds__(kThreads, 1) mla_decode_fp8_wgmma_kernel(const
     const bool direct = p.num_splits[batch + 1] - p.num_splits[batch] <= 1;
     const int split = batch == part.begin_batch ? part.first_split : 0;
     const int64_t split_index = static_cast<int64_t>(p.num_splits[batch]) + split;
+    float row_l[2];
+#pragma unroll
+    for (int half = 0; half < 2; ++half) row_l[half] = quad_sum(row_sum[half]);
+    if constexpr (kSplitTokens) {
+      // l = the two warpgroups' parts, added in the same order in both.
+#pragma unroll
+      for (int half = 0; half < 2; ++half)
+        if (quad_lane == 0) sum_exchange[warp_group * kRows + local_row[half]] = row_l[half];
+      __syncthreads();
+#pragma unroll
+      for (int half = 0; half < 2; ++half)
+        row_l[half] = sum_exchange[local_row[half]] + sum_exchange[kRows + local_row[half]];
+    }
 #pragma unroll
     for (int half = 0; half < 2; ++half) {
       const int r = tile_row0 + local_row[half];
-      const float l = quad_sum(row_sum[half]);
+      const float l = row_l[half];
       const float inv_l = l > 0.0f ? 1.0f / l : 0.0f;
       const float lse2 = l > 0.0f ? row_max[half] + log2f(l * p_scale[half]) : kNegInf;
       if (r >= p.rows) continue;

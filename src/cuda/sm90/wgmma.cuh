@@ -68,6 +68,21 @@ __device__ __forceinline__ uint64_t make_desc(uint32_t start, Swizzle swizzle) {
          (static_cast<uint64_t>(swizzle) << 62);
 }
 
+// The same descriptor built from a base's low word plus a byte offset: the
+// start field is (address >> 4) in bits 0-13, and every shared address (at
+// most 228 KB) keeps address >> 4 below 2^14, so adding offset >> 4 to the
+// low word never carries out of the field. The high word is a constant, and
+// an offset known at compile time costs one integer add (none when the base
+// is loop-invariant), where make_desc costs shifts, masks and moves per call.
+__device__ __forceinline__ uint32_t desc_low_word(uint32_t start) {
+  return ((start >> 4) & 0x3fff) | (uint32_t{1} << 16);
+}
+__device__ __forceinline__ uint64_t desc_at(uint32_t base_low_word, uint32_t byte_offset, Swizzle swizzle) {
+  const uint64_t atom_bytes = swizzle == Swizzle::k128B ? kSw128AtomBytes : kSw64AtomBytes;
+  const uint64_t high_word = ((atom_bytes >> 4) << 32) | (static_cast<uint64_t>(swizzle) << 62);
+  return high_word | (base_low_word + (byte_offset >> 4));
+}
+
 // ---- ordering ----
 // Orders this thread's earlier register and shared-memory accesses before the
 // following wgmma (needed whenever normal code wrote an accumulator or an A
@@ -120,6 +135,23 @@ __device__ __forceinline__ void mma_64x64x16_bf16_ss(float (&d)[32], uint64_t de
                                                      bool accumulate) {
   detail::ss<cute::SM90::GMMA::MMA_64x64x16_F32BF16BF16_SS<gmma::Major::K, gmma::Major::K>>(
       d, desc_a, desc_b, accumulate ? gmma::ScaleOut::One : gmma::ScaleOut::Zero, std::make_index_sequence<32>{});
+}
+// N = 32 variants of the two shapes above (one warpgroup's half of a 64-token page).
+__device__ __forceinline__ void mma_64x32x32_e4m3_ss(float (&d)[16], uint64_t desc_a, uint64_t desc_b,
+                                                     bool accumulate) {
+  detail::ss<cute::SM90::GMMA::MMA_64x32x32_F32E4M3E4M3_SS_TN<>>(
+      d, desc_a, desc_b, accumulate ? gmma::ScaleOut::One : gmma::ScaleOut::Zero, std::make_index_sequence<16>{});
+}
+__device__ __forceinline__ void mma_64x32x16_bf16_ss(float (&d)[16], uint64_t desc_a, uint64_t desc_b,
+                                                     bool accumulate) {
+  detail::ss<cute::SM90::GMMA::MMA_64x32x16_F32BF16BF16_SS<gmma::Major::K, gmma::Major::K>>(
+      d, desc_a, desc_b, accumulate ? gmma::ScaleOut::One : gmma::ScaleOut::Zero, std::make_index_sequence<16>{});
+}
+// D[64 x 128] (+)= A[64 x 32 e4m3] . B[128 x 32 e4m3]^T, both K-major in shared memory.
+__device__ __forceinline__ void mma_64x128x32_e4m3_ss(float (&d)[64], uint64_t desc_a, uint64_t desc_b,
+                                                      bool accumulate) {
+  detail::ss<cute::SM90::GMMA::MMA_64x128x32_F32E4M3E4M3_SS_TN<>>(
+      d, desc_a, desc_b, accumulate ? gmma::ScaleOut::One : gmma::ScaleOut::Zero, std::make_index_sequence<64>{});
 }
 // D[64 x 128] (+)= A[64 x 32 e4m3] (registers) . B[128 x 32 e4m3]^T (K-major, shared).
 // A fragment (CuTe's ALayout_64x32; as mma.m16n8k32's, per warp of 16 rows):
