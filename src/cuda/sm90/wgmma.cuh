@@ -1,6 +1,6 @@
 // Hopper warpgroup MMA (wgmma, sm_90a) helpers for the fp8 decode kernel:
 // shared-memory matrix descriptors, the two swizzled K-major layouts it uses,
-// fences, and the three instruction shapes (through CuTe's PTX atoms, whose
+// fences, and the instruction shapes (through CuTe's PTX atoms, whose
 // operand lists are expanded here from a register array).
 //
 // Layout facts relied on (PTX ISA, "Asynchronous Warpgroup Level Matrix
@@ -61,19 +61,12 @@ static_assert(swizzles_match_cute(), "swizzle formulas differ from CuTe's GMMA a
 
 enum class Swizzle : uint64_t { k128B = 1, k64B = 2 };
 
-// Descriptor of a K-major swizzled operand starting at shared address `start`.
-__device__ __forceinline__ uint64_t make_desc(uint32_t start, Swizzle swizzle) {
-  const uint64_t atom_bytes = swizzle == Swizzle::k128B ? kSw128AtomBytes : kSw64AtomBytes;
-  return static_cast<uint64_t>((start >> 4) & 0x3fff) | (uint64_t{1} << 16) | ((atom_bytes >> 4) << 32) |
-         (static_cast<uint64_t>(swizzle) << 62);
-}
-
-// The same descriptor built from a base's low word plus a byte offset: the
+// Descriptor of a K-major swizzled operand, built from a base's low word plus a byte offset: the
 // start field is (address >> 4) in bits 0-13, and every shared address (at
 // most 228 KB) keeps address >> 4 below 2^14, so adding offset >> 4 to the
 // low word never carries out of the field. The high word is a constant, and
 // an offset known at compile time costs one integer add (none when the base
-// is loop-invariant), where make_desc costs shifts, masks and moves per call.
+// is loop-invariant).
 __device__ __forceinline__ uint32_t desc_low_word(uint32_t start) {
   return ((start >> 4) & 0x3fff) | (uint32_t{1} << 16);
 }
@@ -117,11 +110,6 @@ __device__ __forceinline__ void ss(float (&d)[N], uint64_t desc_a, uint64_t desc
                                    std::index_sequence<I...>) {
   Atom::fma(desc_a, desc_b, d[I]..., scale_d);
 }
-template <class Atom, int N, size_t... I>
-__device__ __forceinline__ void rs(float (&d)[N], const uint32_t (&a)[4], uint64_t desc_b, gmma::ScaleOut scale_d,
-                                   std::index_sequence<I...>) {
-  Atom::fma(a[0], a[1], a[2], a[3], desc_b, d[I]..., scale_d);
-}
 }  // namespace detail
 
 // D[64 x 64] (+)= A[64 x 32 e4m3] . B[64 x 32 e4m3]^T, both K-major in shared memory.
@@ -130,13 +118,7 @@ __device__ __forceinline__ void mma_64x64x32_e4m3_ss(float (&d)[32], uint64_t de
   detail::ss<cute::SM90::GMMA::MMA_64x64x32_F32E4M3E4M3_SS_TN<>>(
       d, desc_a, desc_b, accumulate ? gmma::ScaleOut::One : gmma::ScaleOut::Zero, std::make_index_sequence<32>{});
 }
-// D[64 x 64] (+)= A[64 x 16 bf16] . B[64 x 16 bf16]^T, both K-major in shared memory.
-__device__ __forceinline__ void mma_64x64x16_bf16_ss(float (&d)[32], uint64_t desc_a, uint64_t desc_b,
-                                                     bool accumulate) {
-  detail::ss<cute::SM90::GMMA::MMA_64x64x16_F32BF16BF16_SS<gmma::Major::K, gmma::Major::K>>(
-      d, desc_a, desc_b, accumulate ? gmma::ScaleOut::One : gmma::ScaleOut::Zero, std::make_index_sequence<32>{});
-}
-// N = 32 variants of the two shapes above (one warpgroup's half of a 64-token page).
+// N = 32 (one warpgroup's half of a 64-token page): e4m3 as above, and bf16 with K = 16.
 __device__ __forceinline__ void mma_64x32x32_e4m3_ss(float (&d)[16], uint64_t desc_a, uint64_t desc_b,
                                                      bool accumulate) {
   detail::ss<cute::SM90::GMMA::MMA_64x32x32_F32E4M3E4M3_SS_TN<>>(
@@ -152,16 +134,6 @@ __device__ __forceinline__ void mma_64x128x32_e4m3_ss(float (&d)[64], uint64_t d
                                                       bool accumulate) {
   detail::ss<cute::SM90::GMMA::MMA_64x128x32_F32E4M3E4M3_SS_TN<>>(
       d, desc_a, desc_b, accumulate ? gmma::ScaleOut::One : gmma::ScaleOut::Zero, std::make_index_sequence<64>{});
-}
-// D[64 x 128] (+)= A[64 x 32 e4m3] (registers) . B[128 x 32 e4m3]^T (K-major, shared).
-// A fragment (CuTe's ALayout_64x32; as mma.m16n8k32's, per warp of 16 rows):
-// register 0 holds row lane / 4, k bytes 4 (lane % 4) + {0..3} (byte i = k
-// 4 (lane % 4) + i); register 1 the same for row + 8; registers 2, 3 the same
-// at k bytes 16 + 4 (lane % 4) + {0..3}.
-__device__ __forceinline__ void mma_64x128x32_e4m3_rs(float (&d)[64], const uint32_t (&a)[4], uint64_t desc_b,
-                                                      bool accumulate) {
-  detail::rs<cute::SM90::GMMA::MMA_64x128x32_F32E4M3E4M3_RS_TN<>>(
-      d, a, desc_b, accumulate ? gmma::ScaleOut::One : gmma::ScaleOut::Zero, std::make_index_sequence<64>{});
 }
 
 }  // namespace snapmla::cuda::sm90::wgmma
