@@ -70,7 +70,9 @@ struct GpuDecode::Impl {
   int max_pages = 0;
   KvFormat format;
   DeviceBytes q, data, nope, scale, rope, block_table, seqlens, out, lse, metadata, num_splits, workspace;
+  DeviceBytes q_nope, q_scale, q_rope;
   DecodeParams params;
+  TensorView q_bf16;  // kept when the query is quantized by its own kernel
 };
 
 GpuDecode::GpuDecode(const synthetic::Workload& w, HostKvCache& cache)
@@ -147,8 +149,26 @@ void GpuDecode::plan() {
 }
 
 void GpuDecode::launch(void* stream) {
-  mla_decode(impl_->params, stream);
-  impl_->params.check_indices = false;
+  DecodeParams& p = impl_->params;
+  if (p.q_nope.defined()) quantize_query(impl_->q_bf16, p.q_nope, p.q_scale, p.q_rope, stream);
+  mla_decode(p, stream);
+  p.check_indices = false;
+}
+
+void GpuDecode::use_separate_query_quantization() {
+  Impl& m = *impl_;
+  if (m.format != KvFormat::kFP8) throw Error("format", "a separate query quantization needs the fp8 cache");
+  const auto& s = m.spec;
+  const Device gpu = Device::cuda(0);
+  const int64_t rows = static_cast<int64_t>(s.batch) * s.s_q * s.h_q;
+  m.q_nope = DeviceBytes(rows * kNopeDim);
+  m.q_scale = DeviceBytes(rows * sizeof(float));
+  m.q_rope = DeviceBytes(rows * kRopeDim * 2);
+  DecodeParams& p = m.params;
+  m.q_bf16 = p.q;
+  p.q_nope = TensorView::contiguous(m.q_nope.ptr, DType::kFloat8E4M3, gpu, {s.batch, s.s_q, s.h_q, kNopeDim});
+  p.q_scale = TensorView::contiguous(m.q_scale.ptr, DType::kFloat32, gpu, {s.batch, s.s_q, s.h_q});
+  p.q_rope = TensorView::contiguous(m.q_rope.ptr, DType::kBFloat16, gpu, {s.batch, s.s_q, s.h_q, kRopeDim});
 }
 
 DecodeOutput GpuDecode::download() const {
@@ -182,6 +202,7 @@ GpuDecode::GpuDecode(const synthetic::WorkloadSpec&, const std::vector<float>&, 
 GpuDecode::~GpuDecode() = default;
 void GpuDecode::plan() {}
 void GpuDecode::launch(void*) {}
+void GpuDecode::use_separate_query_quantization() {}
 DecodeOutput GpuDecode::download() const { return {}; }
 size_t GpuDecode::cache_bytes() const { return 0; }
 

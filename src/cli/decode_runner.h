@@ -34,6 +34,9 @@ class GpuDecode {
 
   void plan();                         // get_mla_metadata (once per batch shape)
   void launch(void* stream = nullptr);  // mla_decode only
+  // fp8 only: quantize q with its own kernel (quantize_query) and hand the
+  // decode the pre-quantized query, instead of quantizing in the decode's prologue.
+  void use_separate_query_quantization();
   DecodeOutput download() const;
   size_t cache_bytes() const;
 

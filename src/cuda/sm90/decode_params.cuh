@@ -7,6 +7,9 @@
 
 #include <cstdint>
 
+#include "core/schedule.h"
+#include "cuda/sm90/mma.cuh"
+#include "cuda/sm90/token_quant.cuh"
 #include "snapmla/kv_format.h"
 
 namespace snapmla::cuda::sm90 {
@@ -68,6 +71,171 @@ void launch_decode_fp8(const DecodeKernelParams& params, int row_groups, cudaStr
 
 // Merges the split partials of sequences with more than one split into out / lse.
 void launch_decode_combine(const DecodeKernelParams& params, cudaStream_t stream);
+
+// ---- device pieces shared by the decode kernels (mma.sync and wgmma) ----
+
+__device__ __forceinline__ float quad_max(float v) {
+  v = fmaxf(v, __shfl_xor_sync(0xffffffffu, v, 1));
+  return fmaxf(v, __shfl_xor_sync(0xffffffffu, v, 2));
+}
+__device__ __forceinline__ float quad_sum(float v) {
+  v += __shfl_xor_sync(0xffffffffu, v, 1);
+  return v + __shfl_xor_sync(0xffffffffu, v, 2);
+}
+
+// The pages [page_begin, page_end) of sequence `batch` (s_k tokens) that a
+// CTA's SchedulePart covers.
+struct SequencePiece {
+  int batch;
+  int s_k;
+  int page_begin;
+  int page_end;
+};
+__device__ __forceinline__ SequencePiece sequence_piece(const DecodeKernelParams& p, const SchedulePart& part,
+                                                        int batch) {
+  SequencePiece piece;
+  piece.batch = batch;
+  piece.s_k = max(p.cache_seqlens[batch], 0);
+  piece.page_begin = batch == part.begin_batch ? part.begin_page : 0;
+  piece.page_end = batch == part.end_batch ? part.end_page : pages_for_tokens(piece.s_k);
+  return piece;
+}
+
+// Valid tokens of the piece's logical page `page` and its physical index. A
+// page index outside the pool (or past the block table's row) gives 0 valid
+// tokens (so the page is never read and counts as masked) and physical 0; the
+// `reporter` thread flags it in p.status.
+__device__ __forceinline__ int resolve_page(const DecodeKernelParams& p, const SequencePiece& piece, int page,
+                                            bool reporter, int64_t* physical) {
+  const int64_t id =
+      page < p.max_pages ? p.block_table[static_cast<int64_t>(piece.batch) * p.max_pages + page] : -1;
+  if (id < 0 || id >= p.num_pages) {
+    if (reporter) atomicOr(p.status, kStatusBadPage);
+    *physical = 0;
+    return 0;
+  }
+  *physical = id;
+  return min(kPageSize, piece.s_k - page * kPageSize);
+}
+
+// Tokens of the piece's sequence that tile row r sees (0 for padding rows).
+// Causal MTP: query i of s_q sees the first s_k - s_q + i + 1 tokens.
+__device__ __forceinline__ int visible_tokens(const DecodeKernelParams& p, const SequencePiece& piece, int r) {
+  const int limit = p.causal ? max(0, min(piece.s_k - p.s_q + r / p.h_q + 1, piece.s_k)) : piece.s_k;
+  return r < p.rows ? limit : 0;
+}
+
+// The fp8 query tile of rows [tile_row0, tile_row0 + kRows) of the piece's
+// sequence into shared memory: copied (cp.async, not committed) when given
+// pre-quantized, else quantized here by the cache's code. nope_offset(row,
+// chunk) / rope_offset(row, chunk) are the byte offsets from smem of 16-byte
+// chunk `chunk` of a row's NoPE / RoPE bytes in the kernel's layout; padding
+// rows get zeros and scale 1.
+template <int kRows, class NopeOffset, class RopeOffset>
+__device__ __forceinline__ void load_query_fp8(const DecodeKernelParams& p, const SequencePiece& piece,
+                                               int tile_row0, int thread, int threads, uint8_t* smem,
+                                               NopeOffset nope_offset, RopeOffset rope_offset,
+                                               float* q_scale_smem) {
+  constexpr int kNopeChunks = kNopeDim / 16, kRopeChunks = kRopeDim * 2 / 16;
+  const uint32_t smem_base = smem_address(smem);
+  const int64_t batch_row0 = static_cast<int64_t>(piece.batch) * p.rows;
+  if (p.q_nope != nullptr) {
+#pragma unroll 1
+    for (int idx = thread; idx < kRows * kNopeChunks; idx += threads) {
+      const int row = idx / kNopeChunks, chunk = idx % kNopeChunks;
+      const bool valid = tile_row0 + row < p.rows;
+      const uint8_t* src = p.q_nope + (batch_row0 + tile_row0 + row) * kNopeDim + chunk * 16;
+      cp_async_16(smem_base + nope_offset(row, chunk), valid ? src : p.q_nope, valid);
+    }
+#pragma unroll 1
+    for (int idx = thread; idx < kRows * kRopeChunks; idx += threads) {
+      const int row = idx / kRopeChunks, chunk = idx % kRopeChunks;
+      const bool valid = tile_row0 + row < p.rows;
+      const uint8_t* src =
+          reinterpret_cast<const uint8_t*>(p.q_rope + (batch_row0 + tile_row0 + row) * kRopeDim) + chunk * 16;
+      cp_async_16(smem_base + rope_offset(row, chunk), valid ? src : reinterpret_cast<const uint8_t*>(p.q_rope),
+                  valid);
+    }
+#pragma unroll 1
+    for (int row = thread; row < kRows; row += threads)
+      q_scale_smem[row] = tile_row0 + row < p.rows ? p.q_scale[batch_row0 + tile_row0 + row] : 1.0f;
+    return;
+  }
+  // One warp per query row in token_quant's lane layout (lane l: NoPE chunk
+  // l; lanes < 8: RoPE chunk l). quantize_row writes chunk l at base + 16 l,
+  // so each lane's base moves its chunk to its swizzled place.
+  const int lane = thread & 31;
+#pragma unroll 1
+  for (int row = thread >> 5; row < kRows; row += threads >> 5) {
+    uint8_t* nope_row = smem + nope_offset(row, lane) - 16 * lane;
+    uint16_t* rope_row = reinterpret_cast<uint16_t*>(smem + rope_offset(row, lane & 7) - 16 * lane);
+    if (tile_row0 + row < p.rows) {
+      const uint16_t* src = p.q + (batch_row0 + tile_row0 + row) * kHeadDim;
+      float nope[token_quant::kNopePerLane], rope[token_quant::kRopePerLane];
+      token_quant::load_values<true>(src + token_quant::kNopePerLane * lane, nope);
+      if (lane < token_quant::kRopeLanes) {
+        token_quant::load_values<true>(src + kNopeDim + token_quant::kRopePerLane * lane, rope);
+      } else {
+#pragma unroll
+        for (int i = 0; i < token_quant::kRopePerLane; ++i) rope[i] = 0.0f;
+      }
+      token_quant::quantize_row<true>(lane, nope, rope, nope_row, &q_scale_smem[row], rope_row);
+    } else {
+      *reinterpret_cast<uint4*>(nope_row + 16 * lane) = make_uint4(0, 0, 0, 0);
+      if (lane < token_quant::kRopeLanes) *reinterpret_cast<uint4*>(rope_row + 8 * lane) = make_uint4(0, 0, 0, 0);
+      if (lane == 0) q_scale_smem[row] = 1.0f;
+    }
+  }
+}
+
+// Where a piece's result goes: straight to out / lse when its sequence has
+// one split, else to the split's partials (global split index).
+struct PieceOutput {
+  bool direct;
+  int64_t split_index;
+};
+__device__ __forceinline__ PieceOutput piece_output(const DecodeKernelParams& p, const SchedulePart& part,
+                                                    int batch) {
+  PieceOutput out;
+  out.direct = p.num_splits[batch + 1] - p.num_splits[batch] <= 1;
+  const int split = batch == part.begin_batch ? part.first_split : 0;
+  out.split_index = static_cast<int64_t>(p.num_splits[batch]) + split;
+  return out;
+}
+
+// Writes one thread's part of tile row r (skipped for padding rows):
+// kPairs dim pairs dim0 + 8 j + {0, 1} of O / l, with O's unnormalised pair j
+// from pair_at(j), as bf16 out or fp32 partials; and, if writes_lse, the
+// row's lse (natural log in out, log2 in the partials) from the running
+// maximum m (log2 units), l (units of the P scale) and the P scale (1 for bf16).
+template <int kPairs, class PairAt>
+__device__ __forceinline__ void store_output_row(const DecodeKernelParams& p, const PieceOutput& out, int batch,
+                                                 int r, int dim0, float row_max, float l, float p_scale,
+                                                 bool writes_lse, PairAt pair_at) {
+  const float inv_l = l > 0.0f ? 1.0f / l : 0.0f;
+  const float lse2 = l > 0.0f ? row_max + log2f(l * p_scale) : -__builtin_huge_valf();
+  if (r >= p.rows) return;
+  if (out.direct) {
+    uint16_t* out_row = p.out + (static_cast<int64_t>(batch) * p.rows + r) * kHeadDimV + dim0;
+#pragma unroll
+    for (int j = 0; j < kPairs; ++j) {
+      const float2 o = pair_at(j);
+      *reinterpret_cast<uint32_t*>(out_row + 8 * j) = token_quant::bf16x2_bits(o.x * inv_l, o.y * inv_l);
+    }
+    if (writes_lse) {
+      const int i = r / p.h_q, h = r % p.h_q;
+      p.lse[(static_cast<int64_t>(batch) * p.h_q + h) * p.s_q + i] = lse2 * 0.69314718055994531f;
+    }
+  } else {
+    float* out_row = p.partial_out + (out.split_index * p.rows + r) * kHeadDimV + dim0;
+#pragma unroll
+    for (int j = 0; j < kPairs; ++j) {
+      const float2 o = pair_at(j);
+      *reinterpret_cast<float2*>(out_row + 8 * j) = make_float2(o.x * inv_l, o.y * inv_l);
+    }
+    if (writes_lse) p.partial_lse2[out.split_index * p.rows + r] = lse2;
+  }
+}
 
 }  // namespace snapmla::cuda::sm90
 
