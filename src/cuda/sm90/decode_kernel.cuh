@@ -83,15 +83,6 @@ __device__ __forceinline__ uint32_t swizzled(int row, int row_bytes, int chunk) 
   return static_cast<uint32_t>(row * row_bytes + ((chunk ^ (row & 7)) << 4));
 }
 
-__device__ __forceinline__ float quad_max(float v) {
-  v = fmaxf(v, __shfl_xor_sync(0xffffffffu, v, 1));
-  return fmaxf(v, __shfl_xor_sync(0xffffffffu, v, 2));
-}
-__device__ __forceinline__ float quad_sum(float v) {
-  v += __shfl_xor_sync(0xffffffffu, v, 1);
-  return v + __shfl_xor_sync(0xffffffffu, v, 2);
-}
-
 // S (16 rows x 16 tokens, two n8 tiles) += A (rows x k) . B (tokens x k)^T
 // over k steps [k_begin, k_end) of 32 bytes each, both tiles swizzled.
 template <bool kE4M3>
@@ -146,26 +137,12 @@ __global__ void __launch_bounds__(kRowGroups * kWarpsPerRowGroup * 32, 1)
   const SchedulePart part = load_schedule_part(p.tile_scheduler_metadata, blockIdx.y);
 
   for (int batch = part.begin_batch; batch <= part.end_batch; ++batch) {
-    const int s_k = max(p.cache_seqlens[batch], 0);
-    const int page_begin = batch == part.begin_batch ? part.begin_page : 0;
-    const int page_end = batch == part.end_batch ? part.end_page : pages_for_tokens(s_k);
-
-    // Number of valid tokens of logical page `page` (0 for a page index outside
-    // the pool, which is then never read), and where its rows start.
-    auto page_rows = [&](int page, int64_t* physical) -> int {
-      const int64_t id = page < p.max_pages ? p.block_table[static_cast<int64_t>(batch) * p.max_pages + page] : -1;
-      if (id < 0 || id >= p.num_pages) {
-        if (tid == 0) atomicOr(p.status, kStatusBadPage);
-        *physical = 0;
-        return 0;
-      }
-      *physical = id;
-      return min(kPageSize, s_k - page * kPageSize);
-    };
+    const SequencePiece piece = sequence_piece(p, part, batch);
+    const int page_begin = piece.page_begin, page_end = piece.page_end;
 
     auto load_page = [&](int page, int stage) {
       int64_t physical;
-      const int valid_rows = page_rows(page, &physical);
+      const int valid_rows = resolve_page(p, piece, page, tid == 0, &physical);
       const uint32_t stage_base = smem_base + Smem::kStage0 + stage * Smem::kStageBytes;
       if constexpr (!kFp8) {
         constexpr int kChunks = kHeadDim * 2 / 16;  // 72 per token
@@ -221,58 +198,11 @@ __global__ void __launch_bounds__(kRowGroups * kWarpsPerRowGroup * 32, 1)
                     valid ? src + chunk * 16 : reinterpret_cast<const uint8_t*>(p.q), valid);
       }
     } else {
-      float* q_scale_smem = reinterpret_cast<float*>(smem + Smem::kQScale);
-      if (p.q_nope != nullptr) {
-        constexpr int kNopeChunks = kNopeDim / 16, kRopeChunks = kRopeDim * 2 / 16;
-#pragma unroll 1
-        for (int idx = tid; idx < kRows * kNopeChunks; idx += kThreads) {
-          const int row = idx / kNopeChunks, chunk = idx % kNopeChunks;
-          const bool valid = tile_row0 + row < p.rows;
-          const uint8_t* src = p.q_nope + (batch_row0 + tile_row0 + row) * kNopeDim + chunk * 16;
-          cp_async_16(smem_base + Smem::kQ + swizzled(row, Smem::kQRowBytes, chunk), valid ? src : p.q_nope, valid);
-        }
-#pragma unroll 1
-        for (int idx = tid; idx < kRows * kRopeChunks; idx += kThreads) {
-          const int row = idx / kRopeChunks, chunk = idx % kRopeChunks;
-          const bool valid = tile_row0 + row < p.rows;
-          const uint8_t* src =
-              reinterpret_cast<const uint8_t*>(p.q_rope + (batch_row0 + tile_row0 + row) * kRopeDim) + chunk * 16;
-          cp_async_16(smem_base + Smem::kQRope + swizzled(row, Smem::kRopeRowBytes, chunk),
-                      valid ? src : reinterpret_cast<const uint8_t*>(p.q_rope), valid);
-        }
-#pragma unroll 1
-        for (int row = tid; row < kRows; row += kThreads)
-          q_scale_smem[row] = tile_row0 + row < p.rows ? p.q_scale[batch_row0 + tile_row0 + row] : 1.0f;
-      } else {
-        // One warp per query row, in token_quant's lane layout (lane l: NoPE
-        // [16 l, 16 l + 16) = chunk l; lanes < 8: RoPE chunk l), so the row is
-        // quantized by the same code as the cache and quantize_query. That code
-        // writes chunk l at base + 16 l; the bases below move each lane's
-        // chunk to its swizzled place.
-#pragma unroll 1
-        for (int row = warp; row < kRows; row += kWarps) {
-          uint8_t* nope_row = smem + Smem::kQ + swizzled(row, Smem::kQRowBytes, lane) - 16 * lane;
-          uint16_t* rope_row = reinterpret_cast<uint16_t*>(smem + Smem::kQRope +
-                                                           swizzled(row, Smem::kRopeRowBytes, lane & 7) - 16 * lane);
-          if (tile_row0 + row < p.rows) {
-            const uint16_t* src = p.q + (batch_row0 + tile_row0 + row) * kHeadDim;
-            float nope[token_quant::kNopePerLane], rope[token_quant::kRopePerLane];
-            token_quant::load_values<true>(src + token_quant::kNopePerLane * lane, nope);
-            if (lane < token_quant::kRopeLanes) {
-              token_quant::load_values<true>(src + kNopeDim + token_quant::kRopePerLane * lane, rope);
-            } else {
-#pragma unroll
-              for (int i = 0; i < token_quant::kRopePerLane; ++i) rope[i] = 0.0f;
-            }
-            token_quant::quantize_row<true>(lane, nope, rope, nope_row, &q_scale_smem[row], rope_row);
-          } else {
-            *reinterpret_cast<uint4*>(nope_row + 16 * lane) = make_uint4(0, 0, 0, 0);
-            if (lane < token_quant::kRopeLanes)
-              *reinterpret_cast<uint4*>(rope_row + 8 * lane) = make_uint4(0, 0, 0, 0);
-            if (lane == 0) q_scale_smem[row] = 1.0f;
-          }
-        }
-      }
+      load_query_fp8<kRows>(
+          p, piece, tile_row0, tid, kThreads, smem,
+          [](int row, int chunk) { return Smem::kQ + swizzled(row, Smem::kQRowBytes, chunk); },
+          [](int row, int chunk) { return Smem::kQRope + swizzled(row, Smem::kRopeRowBytes, chunk); },
+          reinterpret_cast<float*>(smem + Smem::kQScale));
     }
     if (page_begin < page_end) load_page(page_begin, 0);
     cp_async_commit();
@@ -281,10 +211,7 @@ __global__ void __launch_bounds__(kRowGroups * kWarpsPerRowGroup * 32, 1)
     int visible[2];
 #pragma unroll
     for (int half = 0; half < 2; ++half) {
-      const int r = tile_row0 + local_row[half];
-      // Causal MTP: query i of s_q sees the first s_k - s_q + i + 1 tokens.
-      const int limit = p.causal ? max(0, min(s_k - p.s_q + r / p.h_q + 1, s_k)) : s_k;
-      visible[half] = r < p.rows ? limit : 0;
+      visible[half] = visible_tokens(p, piece, tile_row0 + local_row[half]);
     }
     float row_max[2] = {kNegInf, kNegInf};  // m, log2 units
     float p_scale[2] = {1.0f, 1.0f};        // fp8: current P scale s_p
@@ -365,7 +292,7 @@ __global__ void __launch_bounds__(kRowGroups * kWarpsPerRowGroup * 32, 1)
 
       // ---- online softmax over this page (x, e, f computed in place in s) ----
       int64_t physical_unused;
-      const int valid_tokens = page_rows(page, &physical_unused);
+      const int valid_tokens = resolve_page(p, piece, page, tid == 0, &physical_unused);
       const int page_token0 = page * kPageSize;
       float local_max[2] = {kNegInf, kNegInf};
 #pragma unroll
@@ -516,36 +443,15 @@ __global__ void __launch_bounds__(kRowGroups * kWarpsPerRowGroup * 32, 1)
       if (quad_lane == 0) red_aux[local_row[half] * kWarpsPerRowGroup + quarter] = quad_total;
     }
     __syncthreads();
-    const bool direct = p.num_splits[batch + 1] - p.num_splits[batch] <= 1;
-    const int split = batch == part.begin_batch ? part.first_split : 0;
-    const int64_t split_index = static_cast<int64_t>(p.num_splits[batch]) + split;
+    const PieceOutput output = piece_output(p, part, batch);
 #pragma unroll
     for (int half = 0; half < 2; ++half) {
-      const int r = tile_row0 + local_row[half];
       const float4 l4 = *reinterpret_cast<const float4*>(&red_aux[local_row[half] * kWarpsPerRowGroup]);
-      const float l = (l4.x + l4.y) + (l4.z + l4.w);
-      const float inv_l = l > 0.0f ? 1.0f / l : 0.0f;
-      const float lse2 = l > 0.0f ? row_max[half] + log2f(l * p_scale[half]) : kNegInf;
-      if (r >= p.rows) continue;
-      const int i = r / p.h_q, h = r % p.h_q;
       const int c0 = 2 * half;
-      if (direct) {
-        uint16_t* out_row =
-            p.out + (static_cast<int64_t>(batch) * p.rows + r) * kHeadDimV + quarter * kDimsPerWarp + 2 * quad_lane;
-#pragma unroll
-        for (int n = 0; n < kOutTilesPerWarp; ++n)
-          *reinterpret_cast<uint32_t*>(out_row + 8 * n) =
-              token_quant::bf16x2_bits(acc[n][c0] * inv_l, acc[n][c0 + 1] * inv_l);
-        if (quarter == 0 && quad_lane == 0)
-          p.lse[(static_cast<int64_t>(batch) * p.h_q + h) * p.s_q + i] = lse2 * 0.69314718055994531f;
-      } else {
-        float* out_row =
-            p.partial_out + (split_index * p.rows + r) * kHeadDimV + quarter * kDimsPerWarp + 2 * quad_lane;
-#pragma unroll
-        for (int n = 0; n < kOutTilesPerWarp; ++n)
-          *reinterpret_cast<float2*>(out_row + 8 * n) = make_float2(acc[n][c0] * inv_l, acc[n][c0 + 1] * inv_l);
-        if (quarter == 0 && quad_lane == 0) p.partial_lse2[split_index * p.rows + r] = lse2;
-      }
+      store_output_row<kOutTilesPerWarp>(p, output, batch, tile_row0 + local_row[half],
+                                         quarter * kDimsPerWarp + 2 * quad_lane, row_max[half],
+                                         (l4.x + l4.y) + (l4.z + l4.w), p_scale[half], quarter == 0 && quad_lane == 0,
+                                         [&](int n) { return make_float2(acc[n][c0], acc[n][c0 + 1]); });
     }
   }
 }
