@@ -8,7 +8,7 @@
 // The results are byte-identical to the CPU backend (src/core/numeric.h,
 // docs/kv-format.md): IEEE division (__fdiv_rn) and the hardware
 // round-to-nearest-even converters, which agree with the software ones for
-// every non-NaN input (tests/cuda/test_kv_cache.cu checks millions of them).
+// every non-NaN input (tests/cuda/kv_cache_test.cu checks millions of them).
 //
 // The divisions are the expensive part (an IEEE __fdiv_rn is ~11 instructions
 // in its own branch region, and they kept the cache write issue-bound), so
