@@ -186,9 +186,9 @@ __global__ void __launch_bounds__(kRowGroups * kWarpsPerRowGroup * 32, 1)
 
     // ---- prologue: the query tile (fp8: quantized here unless given) ----
     __syncthreads();  // the previous sequence is done with Q, P and the stages
-    const int64_t batch_row0 = static_cast<int64_t>(batch) * p.rows;
     if constexpr (!kFp8) {
       constexpr int kChunks = kHeadDim * 2 / 16;
+      const int64_t batch_row0 = static_cast<int64_t>(batch) * p.rows;
 #pragma unroll 1
       for (int idx = tid; idx < kRows * kChunks; idx += kThreads) {
         const int row = idx / kChunks, chunk = idx % kChunks;
@@ -209,10 +209,7 @@ __global__ void __launch_bounds__(kRowGroups * kWarpsPerRowGroup * 32, 1)
 
     // ---- per-row state ----
     int visible[2];
-#pragma unroll
-    for (int half = 0; half < 2; ++half) {
-      visible[half] = visible_tokens(p, piece, tile_row0 + local_row[half]);
-    }
+    visible_tokens_of_rows(p, piece, tile_row0, local_row, visible);
     float row_max[2] = {kNegInf, kNegInf};  // m, log2 units
     float p_scale[2] = {1.0f, 1.0f};        // fp8: current P scale s_p
     float row_sum[2] = {0.0f, 0.0f};        // this thread's share of l (units of s_p)

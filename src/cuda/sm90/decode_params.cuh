@@ -124,6 +124,12 @@ __device__ __forceinline__ int visible_tokens(const DecodeKernelParams& p, const
   const int limit = p.causal ? max(0, min(piece.s_k - p.s_q + r / p.h_q + 1, piece.s_k)) : piece.s_k;
   return r < p.rows ? limit : 0;
 }
+// visible_tokens of a thread's two fragment rows tile_row0 + local_row[half].
+__device__ __forceinline__ void visible_tokens_of_rows(const DecodeKernelParams& p, const SequencePiece& piece,
+                                                       int tile_row0, const int (&local_row)[2], int (&visible)[2]) {
+#pragma unroll
+  for (int half = 0; half < 2; ++half) visible[half] = visible_tokens(p, piece, tile_row0 + local_row[half]);
+}
 
 // The fp8 query tile of rows [tile_row0, tile_row0 + kRows) of the piece's
 // sequence into shared memory: copied (cp.async, not committed) when given

@@ -69,11 +69,25 @@ namespace snapmla::cuda::sm90::wgmma_decode {
 // PV in four pipelined n64 quarters (two fragments of 32 registers in
 // flight) instead of two serial n128 halves (v3).
 inline constexpr bool kPvQuarterPipeline = true;
+// v5: a third, producer warpgroup issues the page copies and builds each
+// page's V^T (into one of two buffers) while the two math warpgroups compute,
+// handing both over through mbarriers; the math warpgroups keep v4's per-page
+// math. Off (v4): the math warpgroups copy and build V^T themselves.
+// Build-time trial switch (-DSNAPMLA_PRODUCER_WARPGROUP=1) until it is measured.
+#ifndef SNAPMLA_PRODUCER_WARPGROUP
+#define SNAPMLA_PRODUCER_WARPGROUP 0
+#endif
+inline constexpr bool kProducerWarpgroup = SNAPMLA_PRODUCER_WARPGROUP != 0;
 
 inline constexpr int kRows = 64;  // the wgmma M
-inline constexpr int kWarpGroups = 2;
-inline constexpr int kThreads = kWarpGroups * 128;
-inline constexpr int kWarps = kThreads / 32;
+inline constexpr int kWarpGroups = 2;  // math warpgroups
+inline constexpr int kMathThreads = kWarpGroups * 128;
+inline constexpr int kProducerThreads = 128;
+inline constexpr int kThreads = kMathThreads + (kProducerWarpgroup ? kProducerThreads : 0);
+inline constexpr int kWarps = kMathThreads / 32;  // math warps
+// setmaxnreg budgets (v5): 128 x 40 + 256 x 232 <= 64 K registers.
+inline constexpr int kProducerRegisters = 40;
+inline constexpr int kMathRegisters = 232;
 inline constexpr int kDimsPerWarpGroup = kHeadDimV / kWarpGroups;  // 256 output dims per warpgroup
 inline constexpr int kPvN = kPvQuarterPipeline ? 64 : 128;         // the PV wgmma N
 inline constexpr int kPvSteps = kDimsPerWarpGroup / kPvN;          // PV fragments per page
@@ -93,9 +107,13 @@ static_assert(kVtRowBytes == 64, "V^T rows must be one SW64 row");
 
 __host__ __device__ constexpr int align1024(int bytes) { return (bytes + 1023) / 1024 * 1024; }
 
-// Page stages: two pages in flight while one is computed (one CTA per SM, so
-// the cp.async queue is the only latency hiding there is).
-inline constexpr int kStages = 3;
+// Page stages. v4: two pages in flight while one is computed (one CTA per
+// SM, so the cp.async queue is the only latency hiding there is). v5: two
+// stages and two V^T buffers (three stages and two V^T buffers exceed 227 KB);
+// the producer refills a stage as soon as the math warpgroups have read it
+// (after QK), about one page ahead.
+inline constexpr int kStages = kProducerWarpgroup ? 2 : 3;
+inline constexpr int kVtBuffers = kProducerWarpgroup ? 2 : 1;
 
 struct Smem {
   static constexpr int kQ = 0;
@@ -104,14 +122,23 @@ struct Smem {
   static constexpr int kStage0 = align1024(kQScale + kRows * 4);
   static constexpr int kStageRope = kNopeTiles * kTileBytes;
   static constexpr int kStageScale = kStageRope + kTileBytes;
-  static constexpr int kStageBytes = align1024(kStageScale + kPageSize * 4);
+  // v5: the page's valid-token count, written by the producer.
+  static constexpr int kStageValid = kStageScale + kPageSize * 4;
+  static constexpr int kStageBytes = align1024(kStageValid + 4);
   static constexpr int kVt = kStage0 + kStages * kStageBytes;
-  static constexpr int kPTile = kVt + kHeadDimV * kVtRowBytes;
+  static constexpr int kVtBytes = kHeadDimV * kVtRowBytes;
+  static constexpr int kPTile = kVt + kVtBuffers * kVtBytes;
   // [2 warpgroups][64 rows] float2 (m_g, f_g), then [2][64] f32 l.
   static constexpr int kExchange = kPTile + kRows * kVtRowBytes;
   static constexpr int kExchangeSlots = kWarpGroups * kRows;
   static constexpr int kSumExchange = kExchange + kExchangeSlots * 8;
-  static constexpr int kBytes = kSumExchange + kExchangeSlots * 4;
+  // v5 mbarriers: stage full / empty [kStages], V^T full / empty [kVtBuffers].
+  static constexpr int kBarriers = kSumExchange + kExchangeSlots * 4;
+  static constexpr int kStageFull = kBarriers;
+  static constexpr int kStageEmpty = kStageFull + kStages * 8;
+  static constexpr int kVtFull = kStageEmpty + kStages * 8;
+  static constexpr int kVtEmpty = kVtFull + kVtBuffers * 8;
+  static constexpr int kBytes = kVtEmpty + kVtBuffers * 8;
   // The dynamic shared memory base is aligned up to 1024 at run time.
   static constexpr int kAllocBytes = kBytes + 1024;
   static_assert(kAllocBytes <= 227 * 1024, "wgmma decode tile does not fit in shared memory");
@@ -124,15 +151,6 @@ struct Smem {
 // SW128 stack (Q8 or a stage's K8): tile chunk / 8, chunk chunk % 8 in it.
 __device__ __forceinline__ uint32_t nope_offset(int row, int chunk) {
   return static_cast<uint32_t>((chunk >> 3) * kTileBytes) + wgmma::sw128_offset(row, chunk & 7);
-}
-
-__device__ __forceinline__ float quad_max(float v) {
-  v = fmaxf(v, __shfl_xor_sync(0xffffffffu, v, 1));
-  return fmaxf(v, __shfl_xor_sync(0xffffffffu, v, 2));
-}
-__device__ __forceinline__ float quad_sum(float v) {
-  v += __shfl_xor_sync(0xffffffffu, v, 1);
-  return v + __shfl_xor_sync(0xffffffffu, v, 2);
 }
 
 // The page's V^T from its K8 tiles, in kVtUnits units of (16-token group,
@@ -215,6 +233,149 @@ __device__ __forceinline__ float exp2_ftz(float x) {
   return y;
 }
 
+// Copies the piece's page `page` into the stage at stage_base with
+// kCopyThreads threads (this one: `thread`); returns its valid tokens
+// (resolve_page; the reporter thread flags a bad page). Thread t copies
+// 16-byte chunks of rows t / C + 8 i (C threads per row): the row step is a
+// multiple of 8, so the swizzle (a function of row % 8) is the same for all of
+// a thread's rows and each copy is base + constant. A masked row's source is
+// still a slot of the same in-pool page (never read: source size 0), so no
+// address select is needed.
+template <int kCopyThreads>
+__device__ __forceinline__ int load_page(const DecodeKernelParams& p, const SequencePiece& piece, int page,
+                                         uint32_t stage_base, int thread, bool reporter) {
+  int64_t physical;
+  const int valid_rows = resolve_page(p, piece, page, reporter, &physical);
+  const uint8_t* nope_page = p.kv_nope + physical * kPageSize * kNopeDim;
+  {
+    // 256 threads: one chunk of rows t / 32 + 8 i; 128: chunks c, c + 16 of rows t / 16 + 8 i.
+    constexpr int kRowStep = kCopyThreads / kNopeChunks >= 8 ? kCopyThreads / kNopeChunks : 8;
+    constexpr int kThreadsPerRow = kCopyThreads / kRowStep;
+    constexpr int kChunkCopies = kNopeChunks / kThreadsPerRow;
+    static_assert(kRowStep % 8 == 0 && kPageSize % kRowStep == 0 && kNopeChunks % kThreadsPerRow == 0,
+                  "NoPE copy rows must keep their swizzle phase");
+    const int row0 = thread / kThreadsPerRow, chunk = thread % kThreadsPerRow;
+#pragma unroll 1
+    for (int k = 0; k < kChunkCopies; ++k) {
+      const uint32_t dst = stage_base + nope_offset(row0, chunk + kThreadsPerRow * k);
+      const uint8_t* src = nope_page + row0 * kNopeDim + (chunk + kThreadsPerRow * k) * 16;
+#pragma unroll
+      for (int i = 0; i < kPageSize / kRowStep; ++i) {
+        const bool valid = row0 + kRowStep * i < valid_rows;
+        cp_async_16(dst + kRowStep * kTileRowBytes * i, src + kRowStep * kNopeDim * i, valid);
+      }
+    }
+  }
+  const uint8_t* rope_page = reinterpret_cast<const uint8_t*>(p.kv_rope) + physical * kPageSize * kRopeDim * 2;
+  {
+    constexpr int kRowStep = kCopyThreads / kRopeChunks;
+    static_assert(kCopyThreads % kRopeChunks == 0 && kRowStep % 8 == 0 && kPageSize % kRowStep == 0,
+                  "RoPE copy rows must keep their swizzle phase");
+    const int row0 = thread / kRopeChunks, chunk = thread % kRopeChunks;
+    const uint32_t dst = stage_base + Smem::kStageRope + wgmma::sw128_offset(row0, chunk);
+    const uint8_t* src = rope_page + row0 * kRopeDim * 2 + chunk * 16;
+#pragma unroll
+    for (int i = 0; i < kPageSize / kRowStep; ++i) {
+      const bool valid = row0 + kRowStep * i < valid_rows;
+      cp_async_16(dst + kRowStep * kTileRowBytes * i, src + kRowStep * kRopeDim * 2 * i, valid);
+    }
+  }
+  // Masked tokens get scale 0 (their f = e * scale must be 0 whatever the slot holds).
+  const float* scale_page = p.kv_scale + physical * kPageSize;
+  if (thread < kPageSize) {
+    const bool valid = thread < valid_rows;
+    cp_async_4(stage_base + Smem::kStageScale + thread * 4, valid ? scale_page + thread : scale_page, valid);
+  }
+  return valid_rows;
+}
+
+// The walk over a CTA's pages in order, across the pieces of its SchedulePart;
+// past the last page, piece.batch = part.end_batch + 1.
+struct PageCursor {
+  SequencePiece piece;
+  int page;
+};
+__device__ __forceinline__ void skip_finished_pieces(const DecodeKernelParams& p, const SchedulePart& part,
+                                                     PageCursor& c) {
+  while (c.page >= c.piece.page_end) {
+    if (c.piece.batch >= part.end_batch) {
+      c.piece.batch = part.end_batch + 1;
+      c.piece.page_end = c.page + 1;  // stops the walk
+      return;
+    }
+    c.piece = sequence_piece(p, part, c.piece.batch + 1);
+    c.page = c.piece.page_begin;
+  }
+}
+__device__ __forceinline__ PageCursor first_page(const DecodeKernelParams& p, const SchedulePart& part) {
+  PageCursor c{sequence_piece(p, part, part.begin_batch), 0};
+  c.page = c.piece.page_begin;
+  skip_finished_pieces(p, part, c);
+  return c;
+}
+__device__ __forceinline__ void next_page(const DecodeKernelParams& p, const SchedulePart& part, PageCursor& c) {
+  ++c.page;
+  skip_finished_pieces(p, part, c);
+}
+__device__ __forceinline__ bool has_page(const SchedulePart& part, const PageCursor& c) {
+  return c.piece.batch <= part.end_batch;
+}
+
+// v5 producer warpgroup (thread = 0..127): for the CTA's n-th page (all pieces
+// in order, n counted from 0), stage n % kStages and V^T buffer n % 2, phase
+// parity (n / kStages) % 2 and (n / 2) % 2:
+//   copies land (cp.async groups, one per page, kStages - 1 younger ones
+//   allowed) -> fence to the async proxy -> arrive on stage full (128);
+//   wait stage full (all copies of the page, for V^T) and V^T empty (both
+//   math warpgroups done with the PV of page n - 2) -> build V^T -> fence ->
+//   arrive on V^T full (128); wait stage empty (the math warpgroups read it,
+//   256 arrivals) -> copy page n + kStages into it.
+// The page's valid-token count goes next to its scales (thread 0, st.shared
+// before its arrive), for the math warpgroups' mask.
+__device__ __forceinline__ void run_producer(const DecodeKernelParams& p, const SchedulePart& part,
+                                             uint32_t smem_base, uint8_t* smem, int thread) {
+  const int warp = thread >> 5, lane = thread & 31;
+  auto stage_base = [&](int stage) { return smem_base + Smem::kStage0 + stage * Smem::kStageBytes; };
+  auto copy = [&](const PageCursor& c, int stage) {
+    const int valid = load_page<kProducerThreads>(p, c.piece, c.page, stage_base(stage), thread, thread == 0);
+    if (thread == 0) *reinterpret_cast<int*>(smem + Smem::kStage0 + stage * Smem::kStageBytes + Smem::kStageValid) = valid;
+  };
+  PageCursor compute = first_page(p, part);
+  PageCursor ahead = compute;
+#pragma unroll 1
+  for (int n = 0; n < kStages; ++n) {
+    if (has_page(part, ahead)) {
+      copy(ahead, n);
+      next_page(p, part, ahead);
+    }
+    cp_async_commit();
+  }
+#pragma unroll 1
+  for (int n = 0; has_page(part, compute); ++n, next_page(p, part, compute)) {
+    const int stage = n % kStages, vt_buffer = n & 1;
+    const uint32_t full = smem_base + Smem::kStageFull + 8 * stage;
+    cp_async_wait<kStages - 1>();
+    wgmma::fence_proxy_async_shared();
+    wgmma::mbarrier_arrive(full);
+    wgmma::mbarrier_wait(full, (n / kStages) & 1);
+    if (n >= 2) wgmma::mbarrier_wait(smem_base + Smem::kVtEmpty + 8 * vt_buffer, ((n >> 1) - 1) & 1);
+    const uint32_t vt = smem_base + Smem::kVt + vt_buffer * Smem::kVtBytes;
+    // The v4 V^T unit walk for 8 warps, run as virtual warps w and w + 4.
+#pragma unroll 1
+    for (int half = 0; half < 2; ++half)
+      build_vt_steps(stage_base(stage), vt, vt_thread_offsets(warp + 4 * half, lane), 0, kVtSteps);
+    wgmma::fence_proxy_async_shared();
+    wgmma::mbarrier_arrive(smem_base + Smem::kVtFull + 8 * vt_buffer);
+    if (has_page(part, ahead)) {
+      wgmma::mbarrier_wait(smem_base + Smem::kStageEmpty + 8 * stage, (n / kStages) & 1);
+      copy(ahead, stage);
+      next_page(p, part, ahead);
+    }
+    cp_async_commit();
+  }
+  cp_async_wait<0>();
+}
+
 __global__ void __launch_bounds__(kThreads, 1) mla_decode_fp8_wgmma_kernel(const DecodeKernelParams p) {
   extern __shared__ __align__(1024) uint8_t smem_raw[];
   // The swizzle is a function of address bits 4..9, so tiles start 1024-byte aligned.
@@ -233,6 +394,36 @@ __global__ void __launch_bounds__(kThreads, 1) mla_decode_fp8_wgmma_kernel(const
   const int quad_lane = lane & 3;
   const int tile_row0 = blockIdx.x * kRows;
   const int local_row[2] = {16 * group_warp + group_row, 16 * group_warp + group_row + 8};
+  const SchedulePart part = load_schedule_part(p.tile_scheduler_metadata, blockIdx.y);
+
+  if constexpr (kProducerWarpgroup) {
+    if (tid == 0) {
+      for (int i = 0; i < kStages; ++i) {
+        wgmma::mbarrier_init(smem_base + Smem::kStageFull + 8 * i, kProducerThreads);
+        wgmma::mbarrier_init(smem_base + Smem::kStageEmpty + 8 * i, kMathThreads);
+      }
+      for (int i = 0; i < kVtBuffers; ++i) {
+        wgmma::mbarrier_init(smem_base + Smem::kVtFull + 8 * i, kProducerThreads);
+        wgmma::mbarrier_init(smem_base + Smem::kVtEmpty + 8 * i, kMathThreads);
+      }
+    }
+    __syncthreads();  // the last CTA-wide barrier: from here on the roles synchronise apart
+    if (warp_group == kWarpGroups) {
+      wgmma::set_max_registers_decrease<kProducerRegisters>();
+      run_producer(p, part, smem_base, smem, tid - kMathThreads);
+      return;
+    }
+    wgmma::set_max_registers_increase<kMathRegisters>();
+  }
+  // Barrier of the two math warpgroups (the producer never joins one).
+  auto math_sync = [] {
+    if constexpr (kProducerWarpgroup) {
+      wgmma::named_barrier_sync(1, kMathThreads);
+    } else {
+      __syncthreads();
+    }
+  };
+  int page_count = 0;  // v5: pages computed so far (all pieces), for stage, buffer and phases
 
   float* q_scale_smem = reinterpret_cast<float*>(smem + Smem::kQScale);
   const uint32_t q_tiles = smem_base + Smem::kQ;
@@ -248,141 +439,31 @@ __global__ void __launch_bounds__(kThreads, 1) mla_decode_fp8_wgmma_kernel(const
   const uint32_t vt_desc = wgmma::desc_low_word(vt_base + warp_group * kDimsPerWarpGroup * kVtRowBytes);
   const VtThreadOffsets vt_offsets = vt_thread_offsets(warp, lane);
 
-  const SchedulePart part = load_schedule_part(p.tile_scheduler_metadata, blockIdx.y);
-
   for (int batch = part.begin_batch; batch <= part.end_batch; ++batch) {
-    const int s_k = max(p.cache_seqlens[batch], 0);
-    const int page_begin = batch == part.begin_batch ? part.begin_page : 0;
-    const int page_end = batch == part.end_batch ? part.end_page : pages_for_tokens(s_k);
-
-    // As v1: valid tokens of logical page `page` (0 for a page index outside
-    // the pool, which is then never read), and its physical index.
-    auto page_rows = [&](int page, int64_t* physical) -> int {
-      const int64_t id = page < p.max_pages ? p.block_table[static_cast<int64_t>(batch) * p.max_pages + page] : -1;
-      if (id < 0 || id >= p.num_pages) {
-        if (tid == 0) atomicOr(p.status, kStatusBadPage);
-        *physical = 0;
-        return 0;
-      }
-      *physical = id;
-      return min(kPageSize, s_k - page * kPageSize);
-    };
-
-    // Returns the page's valid tokens (as page_rows), kept for its mask.
-    auto load_page = [&](int page, int stage) -> int {
-      int64_t physical;
-      const int valid_rows = page_rows(page, &physical);
-      const uint32_t stage_base = smem_base + Smem::kStage0 + stage * Smem::kStageBytes;
-      // Thread tid copies chunk tid % C of rows tid / C + (kThreads / C) i: the
-      // row step is a multiple of 8, so the swizzle (a function of row % 8) is
-      // the same for all of a thread's rows and each copy is base + constant.
-      // A masked row's source is still a slot of the same in-pool page (never
-      // read: source size 0), so no address select is needed.
-      const uint8_t* nope_page = p.kv_nope + physical * kPageSize * kNopeDim;
-      {
-        constexpr int kRowStep = kThreads / kNopeChunks;
-        static_assert(kThreads % kNopeChunks == 0 && kRowStep % 8 == 0 && kPageSize % kRowStep == 0,
-                      "NoPE copy rows must keep their swizzle phase");
-        const int row0 = tid / kNopeChunks, chunk = tid % kNopeChunks;
-        const uint32_t dst = stage_base + nope_offset(row0, chunk);
-        const uint8_t* src = nope_page + row0 * kNopeDim + chunk * 16;
-#pragma unroll
-        for (int i = 0; i < kPageSize / kRowStep; ++i) {
-          const bool valid = row0 + kRowStep * i < valid_rows;
-          cp_async_16(dst + kRowStep * kTileRowBytes * i, src + kRowStep * kNopeDim * i, valid);
-        }
-      }
-      const uint8_t* rope_page = reinterpret_cast<const uint8_t*>(p.kv_rope) + physical * kPageSize * kRopeDim * 2;
-      {
-        constexpr int kRowStep = kThreads / kRopeChunks;
-        static_assert(kThreads % kRopeChunks == 0 && kRowStep % 8 == 0 && kPageSize % kRowStep == 0,
-                      "RoPE copy rows must keep their swizzle phase");
-        const int row0 = tid / kRopeChunks, chunk = tid % kRopeChunks;
-        const uint32_t dst = stage_base + Smem::kStageRope + wgmma::sw128_offset(row0, chunk);
-        const uint8_t* src = rope_page + row0 * kRopeDim * 2 + chunk * 16;
-#pragma unroll
-        for (int i = 0; i < kPageSize / kRowStep; ++i) {
-          const bool valid = row0 + kRowStep * i < valid_rows;
-          cp_async_16(dst + kRowStep * kTileRowBytes * i, src + kRowStep * kRopeDim * 2 * i, valid);
-        }
-      }
-      // Masked tokens get scale 0 (their f = e * scale must be 0 whatever the slot holds).
-      const float* scale_page = p.kv_scale + physical * kPageSize;
-      if (tid < kPageSize) {
-        const bool valid = tid < valid_rows;
-        cp_async_4(stage_base + Smem::kStageScale + tid * 4, valid ? scale_page + tid : scale_page, valid);
-      }
-      return valid_rows;
-    };
+    const SequencePiece piece = sequence_piece(p, part, batch);
+    const int page_begin = piece.page_begin, page_end = piece.page_end;
 
     // ---- prologue: the query tile, quantized here unless given (as v1) ----
-    __syncthreads();  // the previous sequence is done with Q and the stages
-    const int64_t batch_row0 = static_cast<int64_t>(batch) * p.rows;
-    if (p.q_nope != nullptr) {
-#pragma unroll 1
-      for (int idx = tid; idx < kRows * kNopeChunks; idx += kThreads) {
-        const int row = idx / kNopeChunks, chunk = idx % kNopeChunks;
-        const bool valid = tile_row0 + row < p.rows;
-        const uint8_t* src = p.q_nope + (batch_row0 + tile_row0 + row) * kNopeDim + chunk * 16;
-        cp_async_16(q_tiles + nope_offset(row, chunk), valid ? src : p.q_nope, valid);
-      }
-#pragma unroll 1
-      for (int idx = tid; idx < kRows * kRopeChunks; idx += kThreads) {
-        const int row = idx / kRopeChunks, chunk = idx % kRopeChunks;
-        const bool valid = tile_row0 + row < p.rows;
-        const uint8_t* src =
-            reinterpret_cast<const uint8_t*>(p.q_rope + (batch_row0 + tile_row0 + row) * kRopeDim) + chunk * 16;
-        cp_async_16(q_rope_tile + wgmma::sw128_offset(row, chunk),
-                    valid ? src : reinterpret_cast<const uint8_t*>(p.q_rope), valid);
-      }
-#pragma unroll 1
-      for (int row = tid; row < kRows; row += kThreads)
-        q_scale_smem[row] = tile_row0 + row < p.rows ? p.q_scale[batch_row0 + tile_row0 + row] : 1.0f;
-    } else {
-      // One warp per query row in token_quant's lane layout (lane l: NoPE
-      // chunk l; lanes < 8: RoPE chunk l). quantize_row writes chunk l at
-      // base + 16 l, so each lane's base moves its chunk to its swizzled place.
-#pragma unroll 1
-      for (int row = warp; row < kRows; row += kWarps) {
-        uint8_t* nope_row = smem + Smem::kQ + nope_offset(row, lane) - 16 * lane;
-        uint16_t* rope_row =
-            reinterpret_cast<uint16_t*>(smem + Smem::kQRope + wgmma::sw128_offset(row, lane & 7) - 16 * lane);
-        if (tile_row0 + row < p.rows) {
-          const uint16_t* src = p.q + (batch_row0 + tile_row0 + row) * kHeadDim;
-          float nope[token_quant::kNopePerLane], rope[token_quant::kRopePerLane];
-          token_quant::load_values<true>(src + token_quant::kNopePerLane * lane, nope);
-          if (lane < token_quant::kRopeLanes) {
-            token_quant::load_values<true>(src + kNopeDim + token_quant::kRopePerLane * lane, rope);
-          } else {
-#pragma unroll
-            for (int i = 0; i < token_quant::kRopePerLane; ++i) rope[i] = 0.0f;
-          }
-          token_quant::quantize_row<true>(lane, nope, rope, nope_row, &q_scale_smem[row], rope_row);
-        } else {
-          *reinterpret_cast<uint4*>(nope_row + 16 * lane) = make_uint4(0, 0, 0, 0);
-          if (lane < token_quant::kRopeLanes) *reinterpret_cast<uint4*>(rope_row + 8 * lane) = make_uint4(0, 0, 0, 0);
-          if (lane == 0) q_scale_smem[row] = 1.0f;
-        }
-      }
-    }
+    math_sync();  // the previous sequence is done with Q (v4: and the stages)
+    load_query_fp8<kRows>(
+        p, piece, tile_row0, tid, kMathThreads, smem, [](int row, int chunk) { return Smem::kQ + nope_offset(row, chunk); },
+        [](int row, int chunk) { return Smem::kQRope + wgmma::sw128_offset(row, chunk); }, q_scale_smem);
     // One cp.async group per page (possibly empty): the prologue's two, then
     // one per iteration for the page two ahead. valid_ahead[i]: valid tokens
     // of page + i (read from the block table once, by its copy).
     int valid_ahead[2] = {0, 0};
-    if (page_begin < page_end) valid_ahead[0] = load_page(page_begin, 0);
-    cp_async_commit();
-    if (page_begin + 1 < page_end) valid_ahead[1] = load_page(page_begin + 1, 1);
-    cp_async_commit();
+    if constexpr (!kProducerWarpgroup) {
+      const uint32_t stage0 = smem_base + Smem::kStage0;
+      if (page_begin < page_end) valid_ahead[0] = load_page<kMathThreads>(p, piece, page_begin, stage0, tid, tid == 0);
+      cp_async_commit();
+      if (page_begin + 1 < page_end)
+        valid_ahead[1] = load_page<kMathThreads>(p, piece, page_begin + 1, stage0 + Smem::kStageBytes, tid, tid == 0);
+      cp_async_commit();
+    }
 
     // ---- per-row state (identical in both warpgroups) ----
     int visible[2];
-#pragma unroll
-    for (int half = 0; half < 2; ++half) {
-      const int r = tile_row0 + local_row[half];
-      // Causal MTP: query i of s_q sees the first s_k - s_q + i + 1 tokens.
-      const int limit = p.causal ? max(0, min(s_k - p.s_q + r / p.h_q + 1, s_k)) : s_k;
-      visible[half] = r < p.rows ? limit : 0;
-    }
+    visible_tokens_of_rows(p, piece, tile_row0, local_row, visible);
     float row_max[2] = {kNegInf, kNegInf};  // m, log2 units
     float p_scale[2] = {1.0f, 1.0f};        // current P scale s_p
     float row_sum[2] = {0.0f, 0.0f};        // this thread's share of its warpgroup's part of l (units of s_p)
@@ -417,22 +498,37 @@ __global__ void __launch_bounds__(kThreads, 1) mla_decode_fp8_wgmma_kernel(const
       wgmma::commit();
     };
 
-    // The first page's wait below also covers Q (its copies are in that group).
-    __syncthreads();  // the query scales
+    // v4: the first page's wait below also covers Q (its copies are in that group).
+    if constexpr (kProducerWarpgroup) {
+      cp_async_wait<0>();
+      wgmma::fence_proxy_async_shared();
+    }
+    math_sync();  // the query scales (v5: and Q, visible to wgmma)
     const float row_scale[2] = {q_scale_smem[local_row[0]] * p.scale_log2, q_scale_smem[local_row[1]] * p.scale_log2};
 
-    for (int page = page_begin; page < page_end; ++page) {
-      const int stage = (page - page_begin) % kStages;
-      cp_async_wait<1>();  // all but the newest group (the next page's) have landed
-      wgmma::fence_proxy_async_shared();
-      // This page (and Q) landed and is visible to wgmma; both warpgroups are
-      // done with the previous page's V^T and P^ (each waited for its PV) and
-      // with the stage the copy below refills.
-      __syncthreads();
-      const int valid_tokens = valid_ahead[0];
-      valid_ahead[0] = valid_ahead[1];
-      valid_ahead[1] = page + 2 < page_end ? load_page(page + 2, (stage + 2) % kStages) : 0;
-      cp_async_commit();
+    for (int page = page_begin; page < page_end; ++page, ++page_count) {
+      const int stage = kProducerWarpgroup ? page_count % kStages : (page - page_begin) % kStages;
+      int valid_tokens;
+      if constexpr (kProducerWarpgroup) {
+        wgmma::mbarrier_wait(smem_base + Smem::kStageFull + 8 * stage, (page_count / kStages) & 1);
+        valid_tokens = *reinterpret_cast<const int*>(smem + Smem::kStage0 + stage * Smem::kStageBytes +
+                                                      Smem::kStageValid);
+      } else {
+        cp_async_wait<1>();  // all but the newest group (the next page's) have landed
+        wgmma::fence_proxy_async_shared();
+        // This page (and Q) landed and is visible to wgmma; both warpgroups are
+        // done with the previous page's V^T and P^ (each waited for its PV) and
+        // with the stage the copy below refills.
+        __syncthreads();
+        valid_tokens = valid_ahead[0];
+        valid_ahead[0] = valid_ahead[1];
+        valid_ahead[1] = page + 2 < page_end ? load_page<kMathThreads>(p, piece, page + 2,
+                                                                       smem_base + Smem::kStage0 +
+                                                                           (stage + 2) % kStages * Smem::kStageBytes,
+                                                                       tid, tid == 0)
+                                             : 0;
+        cp_async_commit();
+      }
 
       const uint32_t stage_base = smem_base + Smem::kStage0 + stage * Smem::kStageBytes;
       const float* k_scale_smem =
@@ -444,7 +540,8 @@ __global__ void __launch_bounds__(kThreads, 1) mla_decode_fp8_wgmma_kernel(const
           0xffffffffu, wgmma::desc_low_word(stage_base + warp_group * kTokensPerWarpGroup * kTileRowBytes), 0);
 #pragma unroll
       for (int chunk = 0; chunk < kNopeTiles; ++chunk) {
-        build_vt_steps(stage_base, vt_base, vt_offsets, chunk * kVtStepsPerChunk, (chunk + 1) * kVtStepsPerChunk);
+        if constexpr (!kProducerWarpgroup)
+          build_vt_steps(stage_base, vt_base, vt_offsets, chunk * kVtStepsPerChunk, (chunk + 1) * kVtStepsPerChunk);
         // Groups in flight: this chunk's (with the RoPE steps for chunk 0) and the next one's.
         if (chunk + 1 < kNopeTiles) {
           wgmma::wait<1>();
@@ -470,6 +567,8 @@ __global__ void __launch_bounds__(kThreads, 1) mla_decode_fp8_wgmma_kernel(const
       float2 k_scale[4];
 #pragma unroll
       for (int j = 0; j < 4; ++j) k_scale[j] = *reinterpret_cast<const float2*>(k_scale_smem + token0 + 8 * j);
+      // v5: QK is complete and the scales and valid count are read: the stage may be refilled.
+      if constexpr (kProducerWarpgroup) wgmma::mbarrier_arrive(smem_base + Smem::kStageEmpty + 8 * stage);
       const int page_token0 = page * kPageSize;
       int keep_below[2];  // tokens of the page this row sees
 #pragma unroll
@@ -514,7 +613,7 @@ __global__ void __launch_bounds__(kThreads, 1) mla_decode_fp8_wgmma_kernel(const
         if (quad_lane == 0)
           max_exchange[warp_group * kRows + local_row[half]] = make_float2(group_max[half], group_f_max[half]);
       }
-      __syncthreads();
+      math_sync();
       float own_factor[2], beta[2];  // c_g / s_p for this warpgroup's f'; O's rescale
 #pragma unroll
       for (int half = 0; half < 2; ++half) {
@@ -552,7 +651,10 @@ __global__ void __launch_bounds__(kThreads, 1) mla_decode_fp8_wgmma_kernel(const
         }
 
       wgmma::fence_proxy_async_shared();
-      __syncthreads();  // V^T and both halves of P^ complete and visible to wgmma
+      math_sync();  // both halves of P^ (v4: and V^T) complete and visible to wgmma
+      const int vt_buffer = kProducerWarpgroup ? page_count & 1 : 0;
+      if constexpr (kProducerWarpgroup)
+        wgmma::mbarrier_wait(smem_base + Smem::kVtFull + 8 * vt_buffer, (page_count >> 1) & 1);
 
       // ---- O = O * beta + P^ V^ for this warpgroup's 256 dims ----
       // The page's product is formed in a fresh fragment and added in fp32
@@ -568,7 +670,8 @@ __global__ void __launch_bounds__(kThreads, 1) mla_decode_fp8_wgmma_kernel(const
         for (int kk = 0; kk < 2; ++kk) {
           const uint64_t p_operand = wgmma::desc_at(p_desc, 32 * kk, wgmma::Swizzle::k64B);
           const uint64_t v_operand =
-              wgmma::desc_at(vt_desc, step * kPvN * kVtRowBytes + 32 * kk, wgmma::Swizzle::k64B);
+              wgmma::desc_at(vt_desc, vt_buffer * Smem::kVtBytes + step * kPvN * kVtRowBytes + 32 * kk,
+                             wgmma::Swizzle::k64B);
           mma_pv(d, p_operand, v_operand, kk > 0);
         }
         wgmma::commit();
@@ -604,13 +707,13 @@ __global__ void __launch_bounds__(kThreads, 1) mla_decode_fp8_wgmma_kernel(const
           add_pv(step, product[0]);
         }
       }
+      // v5: this warpgroup's PV has read V^T (and P^; the next exchange barrier guards P^).
+      if constexpr (kProducerWarpgroup) wgmma::mbarrier_arrive(smem_base + Smem::kVtEmpty + 8 * vt_buffer);
     }
     cp_async_wait<0>();  // nothing may land in a stage after the next sequence reuses it
 
     // ---- epilogue: out / lse or the split's partials (as v1) ----
-    const bool direct = p.num_splits[batch + 1] - p.num_splits[batch] <= 1;
-    const int split = batch == part.begin_batch ? part.first_split : 0;
-    const int64_t split_index = static_cast<int64_t>(p.num_splits[batch]) + split;
+    const PieceOutput output = piece_output(p, part, batch);
     float row_l[2];
     // l = the two warpgroups' parts, added in the same order in both.
 #pragma unroll
@@ -618,36 +721,17 @@ __global__ void __launch_bounds__(kThreads, 1) mla_decode_fp8_wgmma_kernel(const
       row_l[half] = quad_sum(row_sum[half]);
       if (quad_lane == 0) sum_exchange[warp_group * kRows + local_row[half]] = row_l[half];
     }
-    __syncthreads();
+    math_sync();
 #pragma unroll
     for (int half = 0; half < 2; ++half)
       row_l[half] = sum_exchange[local_row[half]] + sum_exchange[kRows + local_row[half]];
 #pragma unroll
     for (int half = 0; half < 2; ++half) {
-      const int r = tile_row0 + local_row[half];
-      const float l = row_l[half];
-      const float inv_l = l > 0.0f ? 1.0f / l : 0.0f;
-      const float lse2 = l > 0.0f ? row_max[half] + log2f(l * p_scale[half]) : kNegInf;
-      if (r >= p.rows) continue;
-      const int i = r / p.h_q, h = r % p.h_q;
       const int c0 = 2 * half;
-      const int dim0 = warp_group * kDimsPerWarpGroup + 2 * quad_lane;
-      if (direct) {
-        uint16_t* out_row = p.out + (static_cast<int64_t>(batch) * p.rows + r) * kHeadDimV + dim0;
-#pragma unroll
-        for (int j = 0; j < 32; ++j)
-          *reinterpret_cast<uint32_t*>(out_row + 8 * j) =
-              token_quant::bf16x2_bits(acc[4 * j + c0] * inv_l, acc[4 * j + c0 + 1] * inv_l);
-        if (warp_group == 0 && quad_lane == 0)
-          p.lse[(static_cast<int64_t>(batch) * p.h_q + h) * p.s_q + i] = lse2 * 0.69314718055994531f;
-      } else {
-        float* out_row = p.partial_out + (split_index * p.rows + r) * kHeadDimV + dim0;
-#pragma unroll
-        for (int j = 0; j < 32; ++j)
-          *reinterpret_cast<float2*>(out_row + 8 * j) =
-              make_float2(acc[4 * j + c0] * inv_l, acc[4 * j + c0 + 1] * inv_l);
-        if (warp_group == 0 && quad_lane == 0) p.partial_lse2[split_index * p.rows + r] = lse2;
-      }
+      store_output_row<kDimsPerWarpGroup / 8>(
+          p, output, batch, tile_row0 + local_row[half], warp_group * kDimsPerWarpGroup + 2 * quad_lane,
+          row_max[half], row_l[half], p_scale[half], warp_group == 0 && quad_lane == 0,
+          [&](int j) { return make_float2(acc[4 * j + c0], acc[4 * j + c0 + 1]); });
     }
   }
 }

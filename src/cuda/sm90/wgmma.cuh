@@ -100,6 +100,44 @@ __device__ __forceinline__ void fence_proxy_async_shared() {
   asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory");
 }
 
+// ---- warp specialization: mbarriers, named barriers, register reallocation ----
+// An mbarrier in shared memory (8 bytes, 8-byte aligned) completing a phase
+// after `count` arrivals; waiters name the phase by its parity (0, 1, 0, ...).
+__device__ __forceinline__ void mbarrier_init(uint32_t bar, int count) {
+  asm volatile("mbarrier.init.shared::cta.b64 [%0], %1;\n" ::"r"(bar), "r"(count) : "memory");
+}
+// Release: this thread's earlier shared-memory accesses happen before the
+// phase completes for the waiters.
+__device__ __forceinline__ void mbarrier_arrive(uint32_t bar) {
+  asm volatile(
+      "{\n .reg .b64 state;\n mbarrier.arrive.release.cta.shared::cta.b64 state, [%0];\n}\n" ::"r"(bar)
+      : "memory");
+}
+// Acquire: returns once the phase of parity `parity` has completed.
+__device__ __forceinline__ void mbarrier_wait(uint32_t bar, uint32_t parity) {
+  asm volatile(
+      "{\n .reg .pred done;\n"
+      "wait_%=:\n"
+      " mbarrier.try_wait.parity.acquire.cta.shared::cta.b64 done, [%0], %1;\n"
+      " @!done bra wait_%=;\n}\n" ::"r"(bar),
+      "r"(parity)
+      : "memory");
+}
+// Barrier `id` (1..15; 0 is __syncthreads) over `threads` threads (a multiple of 32).
+__device__ __forceinline__ void named_barrier_sync(int id, int threads) {
+  asm volatile("bar.sync %0, %1;\n" ::"r"(id), "r"(threads) : "memory");
+}
+// Per-thread register budget of the calling warpgroup from here on (a
+// multiple of 8 in [24, 256]; all warps of the warpgroup execute it).
+template <int kRegisters>
+__device__ __forceinline__ void set_max_registers_decrease() {
+  asm volatile("setmaxnreg.dec.sync.aligned.u32 %0;\n" ::"n"(kRegisters));
+}
+template <int kRegisters>
+__device__ __forceinline__ void set_max_registers_increase() {
+  asm volatile("setmaxnreg.inc.sync.aligned.u32 %0;\n" ::"n"(kRegisters));
+}
+
 // ---- instructions (D: the m64nN fp32 accumulator fragment of the calling thread) ----
 // Accumulator fragment of m64nN f32: warp w of the warpgroup owns rows 16 w + lane / 4
 // (registers 4 j + {0, 1}) and 16 w + lane / 4 + 8 (registers 4 j + {2, 3}), at
