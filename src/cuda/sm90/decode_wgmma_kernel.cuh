@@ -73,9 +73,10 @@ inline constexpr bool kPvQuarterPipeline = true;
 // page's V^T (into one of two buffers) while the two math warpgroups compute,
 // handing both over through mbarriers; the math warpgroups keep v4's per-page
 // math. Off (v4): the math warpgroups copy and build V^T themselves.
-// Build-time trial switch (-DSNAPMLA_PRODUCER_WARPGROUP=1) until it is measured.
+// On by default since it was measured (docs/perf-notes.md, v5); -DSNAPMLA_PRODUCER_WARPGROUP=0
+// builds v4 (no producer) for comparison.
 #ifndef SNAPMLA_PRODUCER_WARPGROUP
-#define SNAPMLA_PRODUCER_WARPGROUP 0
+#define SNAPMLA_PRODUCER_WARPGROUP 1
 #endif
 inline constexpr bool kProducerWarpgroup = SNAPMLA_PRODUCER_WARPGROUP != 0;
 
