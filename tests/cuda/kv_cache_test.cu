@@ -738,5 +738,58 @@ TEST(HardwareConversion, E4M3AndBF16MatchTheSoftwareDefinitions) {
   }
 }
 
+// A decode step's cache write (n = 1..128 tokens) must be one kernel launch
+// with no host synchronisation and no allocation: captured in global mode,
+// either would make the capture fail; the graph must hold exactly one kernel,
+// and replaying it must write what the CPU reference writes.
+TEST(KvWriteGraph, DecodeStepIsOneLaunchWithoutSyncOrAllocation) {
+  SKIP_WITHOUT_HOPPER();
+  std::mt19937_64 rng(2027);
+  for (KvFormat format : {KvFormat::kBF16, KvFormat::kFP8}) {
+    for (int64_t n : {1, 128}) {
+      SCOPED_TRACE(std::string(kv_format_name(format)) + " n=" + std::to_string(n));
+      MirroredCache cache(format, 4, rng);
+      auto [c_kv, k_pe] = make_tokens(n, DType::kBFloat16, rng);
+      const std::vector<int64_t> slots = make_slots(n, 4 * kPageSize, rng);
+      const Device gpu = Device::cuda(0);
+      DeviceBuffer d_c_kv(c_kv.bytes), d_k_pe(k_pe.bytes), d_slots(encode_indices(slots, DType::kInt32)),
+          d_count(Bytes(4, 0));
+      KvWriteOptions options;
+      options.nonfinite_count = TensorView::contiguous(d_count.get(), DType::kInt32, gpu, {1});
+
+      cudaStream_t stream;
+      SNAPMLA_CUDA_CHECK(cudaStreamCreateWithFlags(&stream, cudaStreamNonBlocking));
+      cudaGraph_t graph;
+      SNAPMLA_CUDA_CHECK(cudaStreamBeginCapture(stream, cudaStreamCaptureModeGlobal));
+      write_kv_cache(c_kv.view(d_c_kv.get(), gpu), k_pe.view(d_k_pe.get(), gpu),
+                     TensorView::contiguous(d_slots.get(), DType::kInt32, gpu, {n}), cache.device_view(), options,
+                     stream);
+      SNAPMLA_CUDA_CHECK(cudaStreamEndCapture(stream, &graph));
+      size_t nodes = 0;
+      SNAPMLA_CUDA_CHECK(cudaGraphGetNodes(graph, nullptr, &nodes));
+      EXPECT_EQ(nodes, 1u);
+      std::vector<cudaGraphNode_t> node_list(nodes);
+      SNAPMLA_CUDA_CHECK(cudaGraphGetNodes(graph, node_list.data(), &nodes));
+      for (cudaGraphNode_t node : node_list) {
+        cudaGraphNodeType type;
+        SNAPMLA_CUDA_CHECK(cudaGraphNodeGetType(node, &type));
+        EXPECT_EQ(type, cudaGraphNodeTypeKernel);
+      }
+      cudaGraphExec_t exec;
+      SNAPMLA_CUDA_CHECK(cudaGraphInstantiate(&exec, graph, 0));
+      SNAPMLA_CUDA_CHECK(cudaGraphLaunch(exec, stream));
+      SNAPMLA_CUDA_CHECK(cudaStreamSynchronize(stream));
+
+      Bytes cpu_slots = encode_indices(slots, DType::kInt32);
+      write_kv_cache(c_kv.view(c_kv.bytes.data(), Device::cpu()), k_pe.view(k_pe.bytes.data(), Device::cpu()),
+                     TensorView::contiguous(cpu_slots.data(), DType::kInt32, Device::cpu(), {n}), cache.host_view());
+      cache.expect_device_equals_host("graph replay");
+      SNAPMLA_CUDA_CHECK(cudaGraphExecDestroy(exec));
+      SNAPMLA_CUDA_CHECK(cudaGraphDestroy(graph));
+      SNAPMLA_CUDA_CHECK(cudaStreamDestroy(stream));
+    }
+  }
+}
+
 }  // namespace
 }  // namespace snapmla
