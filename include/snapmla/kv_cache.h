@@ -27,11 +27,17 @@ struct KvWriteOptions {
 
 // Quantizes (fp8) or copies (bf16) n new tokens into `cache` at slot_mapping.
 //   c_kv [n, 512] bf16 or f32, k_pe [n, 64] bf16 or f32, slot_mapping [n] int32/int64 (-1 = skip).
+// The CPU backend raises Error for a slot outside the cache, a position outside
+// cos_sin or a non-finite value. The CUDA kernel cannot raise without a host
+// synchronisation: it never writes outside the cache, skips such tokens, and
+// counts the non-finite ones in options.nonfinite_count. Two tokens with the
+// same slot in one call leave that slot undefined on the GPU.
 void write_kv_cache(const TensorView& c_kv, const TensorView& k_pe, const TensorView& slot_mapping,
                     const KvCacheView& cache, const KvWriteOptions& options = {},
                     StreamHandle stream = nullptr);
 
 // Gathers tokens of a paged cache into contiguous bf16 (prefill with a cached prefix).
+// An index outside the cache is an Error on the CPU and a zero row on the GPU.
 //   indices [n] int32/int64 slots; k_nope [n, 512] bf16; k_pe [n, 64] bf16 (both times the scale for fp8).
 void gather_kv_cache(const KvCacheView& cache, const TensorView& indices, const TensorView& k_nope,
                      const TensorView& k_pe, StreamHandle stream = nullptr);

@@ -52,8 +52,11 @@ def argument_error(name: str, message: str) -> str:
     return f"snapmla: argument '{name}': {message}"
 
 
-def as_array(x, name: str, role: str | None = None):
+def as_array(x, name: str, role: str | None = None, writable: bool = False):
     """Wraps `x` for the extension; `role` (BF16 or FP8) says how raw-bit integer dtypes are read.
+
+    writable: the call writes into `x`; a read-only numpy array (a read-only memory map, a
+    view of bytes) is refused instead of being written through.
 
     Returns None for None (an optional argument that was not given).
     """
@@ -73,6 +76,8 @@ def as_array(x, name: str, role: str | None = None):
         # current one, which breaks CUDA-graph capture; to_dlpack never touches streams.
         x = _torch_to_dlpack()(x)
     elif isinstance(x, np.ndarray):
+        if writable and not x.flags.writeable:
+            raise ValueError(argument_error(name, "is read-only, but this call writes into it"))
         kind = x.dtype.name
         if kind == "bfloat16":
             x = x.view(np.uint16)
@@ -168,9 +173,12 @@ def current_stream(x) -> int:
 
 
 def capturing(x) -> bool:
+    """Whether `x`'s device's current stream is being captured into a CUDA graph."""
     if not is_cuda(x):
         return False
-    return bool(torch_if_loaded().cuda.is_current_stream_capturing())
+    torch = torch_if_loaded()
+    with torch.cuda.device(x.device):
+        return bool(torch.cuda.is_current_stream_capturing())
 
 
 def on_device(x):

@@ -64,8 +64,10 @@ def _is_bf16(x) -> bool:
     return dtype is not None and (getattr(dtype, "name", "") == "bfloat16" or str(dtype) == "uint16")
 
 
-def _cache_arrays(cache, kv_format, name: str, part_names=None):
+def _cache_arrays(cache, kv_format, name: str, part_names=None, writable=False):
     """The extension's (format, data, nope, scale, rope) from a bf16 tensor or an fp8 triple.
+
+    writable: the call writes into the cache, so a read-only array is refused.
 
     Also returns how to rename the native library's argument names ("cache.nope"...) to the
     caller's, so errors name what the caller passed.
@@ -82,9 +84,9 @@ def _cache_arrays(cache, kv_format, name: str, part_names=None):
         names = part_names or {part: f"{name}.{part}" for part in ("nope", "scale", "rope")}
         nope, scale, rope = cache
         arrays = ("fp8", None,
-                  T.as_array(_paged(nope, NOPE_DIM, names["nope"]), names["nope"], FP8),
-                  T.as_array(_paged(scale, 1, names["scale"]), names["scale"]),
-                  T.as_array(_paged(rope, ROPE_DIM, names["rope"]), names["rope"], BF16))
+                  T.as_array(_paged(nope, NOPE_DIM, names["nope"]), names["nope"], FP8, writable),
+                  T.as_array(_paged(scale, 1, names["scale"]), names["scale"], None, writable),
+                  T.as_array(_paged(rope, ROPE_DIM, names["rope"]), names["rope"], BF16, writable))
         return arrays, {f"cache.{part}": names[part] for part in names}
     if kv_format is None:
         if not _is_bf16(cache):
@@ -96,7 +98,8 @@ def _cache_arrays(cache, kv_format, name: str, part_names=None):
     if kv_format != "bf16":
         raise ValueError(argument_error(
             "kv_format", f"{kv_format!r} needs k_cache as a (nope, scale, rope) triple; one tensor is bf16"))
-    return ("bf16", T.as_array(_paged(cache, HEAD_DIM, name), name, BF16), None, None, None), {"cache.data": name}
+    return ("bf16", T.as_array(_paged(cache, HEAD_DIM, name), name, BF16, writable), None, None, None), {
+        "cache.data": name}
 
 
 @contextlib.contextmanager
@@ -159,6 +162,9 @@ def _check_head_dim_v(head_dim_v):
 
 def _decode(like, b, s_q, h_q, *, q=None, q_nope=None, q_scale=None, q_rope=None, cache, renames, block_table,
             cache_seqlens, tile_scheduler_metadata, num_splits, softmax_scale, causal, check_indices):
+    if softmax_scale is not None and not float(softmax_scale) > 0:
+        raise ValueError(argument_error("softmax_scale", f"must be a positive number (None: 1/sqrt(576)), "
+                                                         f"got {softmax_scale}"))
     out = T.empty(like, (b, s_q, h_q, HEAD_DIM_V), BF16)
     lse = T.empty(like, (b, h_q, s_q), "float32")
     stream = T.current_stream(like)
@@ -224,7 +230,7 @@ def write_kv_cache(c_kv, k_pe, slot_mapping, cache, rope=None, positions=None, c
     nonfinite_count: optional CUDA int32 [1] counter of tokens skipped for NaN/inf values
                   (the CPU backend raises ValueError instead).
     """
-    cache_arrays, renames = _cache_arrays(cache, kv_format, "cache", _part_names)
+    cache_arrays, renames = _cache_arrays(cache, kv_format, "cache", _part_names, writable=True)
     with T.on_device(c_kv), _caller_names(renames):
         _C.write_kv_cache(
             T.as_array(c_kv, "c_kv", BF16), T.as_array(k_pe, "k_pe", BF16),

@@ -145,7 +145,11 @@ void write_kv_cache(const TensorView& c_kv, const TensorView& k_pe, const Tensor
   row_major_rows(k_pe, "k_pe", {DType::kBFloat16, DType::kFloat32}, n, kRopeDim, device);
   index_vector(slot_mapping, "slot_mapping", n, device);
   switch (options.rope) {
-    case RopeStyle::kNone: break;
+    case RopeStyle::kNone:
+      // Rotation data without a rotation style is a caller's mistake, not a no-op.
+      check::argument(!options.positions.defined() && !options.cos_sin.defined(), "rope",
+                      "is none, but positions/cos_sin were given: name the RoPE style (interleaved or neox)");
+      break;
     case RopeStyle::kInterleaved:
     case RopeStyle::kNeox:
       index_vector(options.positions, "positions", n, device);

@@ -8,6 +8,8 @@ namespace snapmla::check {
 
 void defined(const TensorView& t, const char* name) {
   if (!t.defined()) throw Error(name, "is required but was not given");
+  for (int d = 0; d < t.rank; ++d)
+    if (t.shape[d] < 0) throw Error(name, "has a negative extent in dimension " + std::to_string(d) + ": " + t.shape_string());
   if (t.data == nullptr && t.numel() > 0) throw Error(name, "has a null data pointer");
 }
 
@@ -27,6 +29,7 @@ void dtype(const TensorView& t, const char* name, std::initializer_list<DType> a
 
 void shape(const TensorView& t, const char* name, std::initializer_list<int64_t> expected) {
   bool ok = t.rank == static_cast<int>(expected.size());
+  for (int d = 0; d < t.rank; ++d) ok = ok && t.shape[d] >= 0;
   int i = 0;
   for (int64_t e : expected) {
     if (ok && e != kAny && t.shape[i] != e) ok = false;

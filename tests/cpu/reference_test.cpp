@@ -113,6 +113,10 @@ void expect_same(const reference::DecodeResult& got, const reference::DecodeResu
   EXPECT_EQ(out.nonfinite, 0);
   const reference::ErrorStats lse = reference::compare_lse(got.lse, want.lse);
   EXPECT_EQ(lse.nonfinite, 0) << "rows that see no token must have lse -inf in both";
+  // lse is absolute, of magnitude log(s_k) + the largest score (units to tens
+  // here), and summed in another order than the naive oracle's, so its error is
+  // about |lse| times the relative rounding `tol` bounds: 10 * tol covers |lse|
+  // up to 10 at the output's relative accuracy.
   EXPECT_LE(lse.max_abs, tol * 10);
   for (size_t i = 0; i < want.lse.size(); ++i)
     if (std::isinf(want.lse[i])) EXPECT_LT(got.lse[i], 0);

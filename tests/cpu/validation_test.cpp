@@ -60,6 +60,8 @@ TEST(Validation, WriteKvCacheArguments) {
   expect_error([&] { write_kv_cache(bad, s.k_pe_view(), s.slots_view(), s.fp8.view()); }, "c_kv", "shape");
   bad = TensorView::contiguous(s.k_pe.data(), DType::kFloat32, kCpu, {2, 64});
   expect_error([&] { write_kv_cache(s.c_kv_view(), bad, s.slots_view(), s.fp8.view()); }, "k_pe", "shape");
+  bad = TensorView::contiguous(s.c_kv.data(), DType::kFloat32, kCpu, {-1, 512});
+  expect_error([&] { write_kv_cache(bad, s.k_pe_view(), s.slots_view(), s.fp8.view()); }, "c_kv", "negative");
   bad = s.k_pe_view();
   bad.stride[1] = 2;
   expect_error([&] { write_kv_cache(s.c_kv_view(), bad, s.slots_view(), s.fp8.view()); }, "k_pe", "contiguous");
@@ -116,6 +118,10 @@ TEST(Validation, WriteKvCacheArguments) {
   EXPECT_EQ(s.fp8.nope, before);
 
   KvWriteOptions options;
+  // Rotation data with no rotation style would store the keys unrotated.
+  options.positions = TensorView::contiguous(s.positions.data(), DType::kInt32, kCpu, {4});
+  expect_error([&] { s.write(s.fp8.view(), options); }, "rope", "positions/cos_sin");
+  options.positions = TensorView{};
   options.rope = RopeStyle::kNeox;
   expect_error([&] { s.write(s.fp8.view(), options); }, "positions", "required");
   options.positions = TensorView::contiguous(s.positions.data(), DType::kInt32, kCpu, {4});

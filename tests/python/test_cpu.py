@@ -382,6 +382,7 @@ def small_problem(rng):
     (dict(k_cache="bad_page_size"), ValueError, "k_cache"),
     (dict(kv_format="fp16"), ValueError, "kv_format"),
     (dict(softmax_scale=float("nan")), ValueError, "softmax_scale"),
+    (dict(softmax_scale=0.0), ValueError, "softmax_scale"),
 ])
 def test_decode_errors_name_the_argument(small_problem, change, error, argument):
     args = dict(small_problem)
@@ -406,6 +407,24 @@ def test_decode_errors_name_the_argument(small_problem, change, error, argument)
         args["kv_format"] = value
     with pytest.raises(error, match=f"argument '{argument}'"):
         snapmla.flash_mla_with_kvcache(**args)
+
+
+def test_write_refuses_a_read_only_cache(tmp_path):
+    # A read-only memory map must be refused, not written through (or crashed on).
+    path = tmp_path / "cache.npy"
+    np.save(path, snapmla.allocate_kv_cache(1, "bf16"))
+    read_only = np.load(path, mmap_mode="r")
+    with pytest.raises(ValueError, match="argument 'cache'.*read-only"):
+        snapmla.write_kv_cache(np.ones((1, 512), np.float32), np.ones((1, 64), np.float32),
+                               np.array([0], np.int32), read_only)
+
+
+def test_write_refuses_rope_data_without_a_rope_style():
+    cache = snapmla.allocate_kv_cache(1, "bf16")
+    with pytest.raises(ValueError, match="argument 'rope'"):
+        snapmla.write_kv_cache(np.ones((1, 512), np.float32), np.ones((1, 64), np.float32),
+                               np.array([0], np.int32), cache, positions=np.array([3], np.int32),
+                               cos_sin=np.ones((8, 64), np.float32))
 
 
 def test_metadata_errors_name_the_argument():
