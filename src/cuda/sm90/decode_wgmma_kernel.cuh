@@ -79,6 +79,18 @@ inline constexpr bool kPvQuarterPipeline = true;
 #define SNAPMLA_PRODUCER_WARPGROUP 1
 #endif
 inline constexpr bool kProducerWarpgroup = SNAPMLA_PRODUCER_WARPGROUP != 0;
+// v6 (producer only): the V^T build issues kVtLoadsInFlight ldmatrix.x4 before
+// their permutes and stores (v5: one; ptxas cannot hoist an ldmatrix above the
+// previous step's st.shared, so every step paid the full ldmatrix latency),
+// and the block-table entry of the page ahead is read before the V^T build
+// rather than after it. Needs the producer's 56 registers (math 224).
+// -DSNAPMLA_DECODE_V6=0 builds v5 (one load in flight, 40 / 232; same SASS up to
+// three equivalent inverted predicates).
+#ifndef SNAPMLA_DECODE_V6
+#define SNAPMLA_DECODE_V6 1
+#endif
+inline constexpr bool kProducerV6 = kProducerWarpgroup && SNAPMLA_DECODE_V6 != 0;
+inline constexpr int kVtLoadsInFlight = kProducerV6 ? 8 : 1;
 
 inline constexpr int kRows = 64;  // the wgmma M
 inline constexpr int kWarpGroups = 2;  // math warpgroups
@@ -86,9 +98,12 @@ inline constexpr int kMathThreads = kWarpGroups * 128;
 inline constexpr int kProducerThreads = 128;
 inline constexpr int kThreads = kMathThreads + (kProducerWarpgroup ? kProducerThreads : 0);
 inline constexpr int kWarps = kMathThreads / 32;  // math warps
-// setmaxnreg budgets (v5): 128 x 40 + 256 x 232 <= 64 K registers.
-inline constexpr int kProducerRegisters = 40;
-inline constexpr int kMathRegisters = 232;
+// setmaxnreg budgets: 128 x producer + 256 x math <= 64 K registers (v5: 40 / 232;
+// v6: 56 / 224, the math warpgroups' page loop needs at most 222 with 0 spills).
+inline constexpr int kProducerRegisters = kProducerV6 ? 56 : 40;
+inline constexpr int kMathRegisters = kProducerV6 ? 224 : 232;
+static_assert(kProducerThreads * kProducerRegisters + kMathThreads * kMathRegisters <= 64 * 1024,
+              "setmaxnreg budgets exceed the register file");
 inline constexpr int kDimsPerWarpGroup = kHeadDimV / kWarpGroups;  // 256 output dims per warpgroup
 inline constexpr int kPvN = kPvQuarterPipeline ? 64 : 128;         // the PV wgmma N
 inline constexpr int kPvSteps = kDimsPerWarpGroup / kPvN;          // PV fragments per page
@@ -190,20 +205,33 @@ inline constexpr int kVtStepsPerChunk = kVtSteps / kNopeTiles;       // 2 per wa
 static_assert(kVtStepsPerChunk * kWarps * kNopeTiles == kVtUnits, "V^T units must split evenly");
 static_assert(kWarps == 8, "the V^T unit walk assumes token group = warp % 4");
 
+// Steps go in batches of kLoads: all the batch's ldmatrix first, then its
+// permutes and stores, so that kLoads loads are in flight at once (the asm
+// statements are volatile, so this source order is the issue order).
+template <int kLoads = 1>
 __device__ __forceinline__ void build_vt_steps(uint32_t k_tiles, uint32_t vt, const VtThreadOffsets& o,
                                                int step_begin, int step_end) {
 #pragma unroll
-  for (int step = step_begin; step < step_end; ++step) {
-    uint32_t r[4];
-    ldmatrix_x4_trans(r, k_tiles + (step >> 1) * kTileBytes + (o.k_read ^ ((step & 1) << 6)));
+  for (int step0 = step_begin; step0 < step_end; step0 += kLoads) {
+    uint32_t r[kLoads][4];
 #pragma unroll
-    for (int h = 0; h < 2; ++h) {
-      const uint32_t dst = vt + o.vt_write + (64 * step + 16 * h) * kVtRowBytes;
-      st_shared_u32(dst, byte_perm(r[2 * h], r[2 * h + 1], 0x6420));
-      st_shared_u32(dst + kVtRowBytes, byte_perm(r[2 * h], r[2 * h + 1], 0x7531));
+    for (int i = 0; i < kLoads; ++i) {
+      const int step = step0 + i;
+      ldmatrix_x4_trans(r[i], k_tiles + (step >> 1) * kTileBytes + (o.k_read ^ ((step & 1) << 6)));
+    }
+#pragma unroll
+    for (int i = 0; i < kLoads; ++i) {
+      const int step = step0 + i;
+#pragma unroll
+      for (int h = 0; h < 2; ++h) {
+        const uint32_t dst = vt + o.vt_write + (64 * step + 16 * h) * kVtRowBytes;
+        st_shared_u32(dst, byte_perm(r[i][2 * h], r[i][2 * h + 1], 0x6420));
+        st_shared_u32(dst + kVtRowBytes, byte_perm(r[i][2 * h], r[i][2 * h + 1], 0x7531));
+      }
     }
   }
 }
+static_assert(kVtSteps % kVtLoadsInFlight == 0, "V^T load batches must split a virtual warp's steps");
 
 // Issues the 4 e4m3 k steps of NoPE chunk `chunk` for 32 tokens into the
 // fresh fragment t, from descriptor low words (wgmma::desc_at) of Q8 and of
@@ -234,19 +262,18 @@ __device__ __forceinline__ float exp2_ftz(float x) {
   return y;
 }
 
-// Copies the piece's page `page` into the stage at stage_base with
-// kCopyThreads threads (this one: `thread`); returns its valid tokens
-// (resolve_page; the reporter thread flags a bad page). Thread t copies
+// Copies physical page `physical` (valid_rows of its tokens; resolve_page)
+// into the stage at stage_base with kCopyThreads threads (this one:
+// `thread`); load_page resolves the piece's page `page` first and returns its
+// valid tokens (the reporter thread flags a bad page). Thread t copies
 // 16-byte chunks of rows t / C + 8 i (C threads per row): the row step is a
 // multiple of 8, so the swizzle (a function of row % 8) is the same for all of
 // a thread's rows and each copy is base + constant. A masked row's source is
 // still a slot of the same in-pool page (never read: source size 0), so no
 // address select is needed.
 template <int kCopyThreads>
-__device__ __forceinline__ int load_page(const DecodeKernelParams& p, const SequencePiece& piece, int page,
-                                         uint32_t stage_base, int thread, bool reporter) {
-  int64_t physical;
-  const int valid_rows = resolve_page(p, piece, page, reporter, &physical);
+__device__ __forceinline__ void load_resolved_page(const DecodeKernelParams& p, int64_t physical, int valid_rows,
+                                                   uint32_t stage_base, int thread) {
   const uint8_t* nope_page = p.kv_nope + physical * kPageSize * kNopeDim;
   {
     // 256 threads: one chunk of rows t / 32 + 8 i; 128: chunks c, c + 16 of rows t / 16 + 8 i.
@@ -287,6 +314,13 @@ __device__ __forceinline__ int load_page(const DecodeKernelParams& p, const Sequ
     const bool valid = thread < valid_rows;
     cp_async_4(stage_base + Smem::kStageScale + thread * 4, valid ? scale_page + thread : scale_page, valid);
   }
+}
+template <int kCopyThreads>
+__device__ __forceinline__ int load_page(const DecodeKernelParams& p, const SequencePiece& piece, int page,
+                                         uint32_t stage_base, int thread, bool reporter) {
+  int64_t physical;
+  const int valid_rows = resolve_page(p, piece, page, reporter, &physical);
+  load_resolved_page<kCopyThreads>(p, physical, valid_rows, stage_base, thread);
   return valid_rows;
 }
 
@@ -341,6 +375,11 @@ __device__ __forceinline__ void run_producer(const DecodeKernelParams& p, const 
     const int valid = load_page<kProducerThreads>(p, c.piece, c.page, stage_base(stage), thread, thread == 0);
     if (thread == 0) *reinterpret_cast<int*>(smem + Smem::kStage0 + stage * Smem::kStageBytes + Smem::kStageValid) = valid;
   };
+  // v6: the resolved block-table entry of `ahead`, read one V^T build before its copy.
+  auto copy_resolved = [&](int64_t physical, int valid, int stage) {
+    load_resolved_page<kProducerThreads>(p, physical, valid, stage_base(stage), thread);
+    if (thread == 0) *reinterpret_cast<int*>(smem + Smem::kStage0 + stage * Smem::kStageBytes + Smem::kStageValid) = valid;
+  };
   PageCursor compute = first_page(p, part);
   PageCursor ahead = compute;
 #pragma unroll 1
@@ -359,17 +398,29 @@ __device__ __forceinline__ void run_producer(const DecodeKernelParams& p, const 
     wgmma::fence_proxy_async_shared();
     wgmma::mbarrier_arrive(full);
     wgmma::mbarrier_wait(full, (n / kStages) & 1);
+    // v6: the page ahead's block-table load is in flight during the V^T build
+    // (its copy cannot be: it refills this page's stage, V^T's source).
+    const bool copy_ahead = has_page(part, ahead);
+    int64_t ahead_physical = 0;
+    int ahead_valid = 0;
+    if (kProducerV6 && copy_ahead)
+      ahead_valid = resolve_page(p, ahead.piece, ahead.page, thread == 0, &ahead_physical);
     if (n >= 2) wgmma::mbarrier_wait(smem_base + Smem::kVtEmpty + 8 * vt_buffer, ((n >> 1) - 1) & 1);
     const uint32_t vt = smem_base + Smem::kVt + vt_buffer * Smem::kVtBytes;
     // The v4 V^T unit walk for 8 warps, run as virtual warps w and w + 4.
 #pragma unroll 1
     for (int half = 0; half < 2; ++half)
-      build_vt_steps(stage_base(stage), vt, vt_thread_offsets(warp + 4 * half, lane), 0, kVtSteps);
+      build_vt_steps<kVtLoadsInFlight>(stage_base(stage), vt, vt_thread_offsets(warp + 4 * half, lane), 0,
+                                       kVtSteps);
     wgmma::fence_proxy_async_shared();
     wgmma::mbarrier_arrive(smem_base + Smem::kVtFull + 8 * vt_buffer);
-    if (has_page(part, ahead)) {
+    if (copy_ahead) {
       wgmma::mbarrier_wait(smem_base + Smem::kStageEmpty + 8 * stage, (n / kStages) & 1);
-      copy(ahead, stage);
+      if constexpr (kProducerV6) {
+        copy_resolved(ahead_physical, ahead_valid, stage);
+      } else {
+        copy(ahead, stage);
+      }
       next_page(p, part, ahead);
     }
     cp_async_commit();
