@@ -219,16 +219,14 @@ namespace snapmla::cli {
 
 int run_kv_bench(int argc, char** argv) {
   Options opt(argc, argv);
-  if (opt.has("help")) {
-    std::printf(
-        "snapmla kv-bench [--tokens 1,128,4096,65536] [--format both|bf16|fp8] [--repeats 30] [--json PATH]\n"
-        "  Times write_kv_cache (bf16 inputs, no RoPE) and gather_kv_cache on the GPU: median device time of\n"
-        "  each call over the repeats, bytes moved (read + written), GB/s and %% of the measured H100 copy\n"
-        "  bandwidth (%.2f TB/s). The cache pool is >= 256 MB (5x L2), slots spread over it at random.\n",
-        bench::kH100CopyTBps);
-    return 0;
-  }
-  opt.reject_unknown({"tokens", "format", "repeats", "json"});
+  char copy_rate[32];
+  std::snprintf(copy_rate, sizeof copy_rate, "%.2f", bench::kH100CopyTBps);
+  const std::string usage =
+      "snapmla kv-bench [--tokens 1,128,4096,65536] [--format both|bf16|fp8] [--repeats 30] [--json PATH]\n"
+      "  Times write_kv_cache (bf16 inputs, no RoPE) and gather_kv_cache on the GPU: median device time of\n"
+      "  each call over the repeats, bytes moved (read + written), GB/s and % of the measured H100 copy\n"
+      "  bandwidth (" + std::string(copy_rate) + " TB/s). The cache pool is >= 256 MB (5x L2), slots spread over it at random.\n";
+  if (opt.handle_help(usage, {"tokens", "format", "repeats", "json"})) return 0;
   std::vector<int64_t> tokens;
   for (long n : opt.get_int_list("tokens", {1, 128, 4096, 65536})) tokens.push_back(n);
   const std::string which = opt.get("format", "both");

@@ -389,24 +389,22 @@ std::vector<synthetic::Distribution> parse_distributions(const std::string& list
 
 int run_accuracy(int argc, char** argv) {
   Options opt(argc, argv);
-  if (opt.has("help")) {
-    std::printf(
-        "snapmla accuracy [--lengths 1024,8192,32768,131072] [--heads 16] [--batch 1] [--seed 2026]\n"
-        "                 [--distributions all|NAME,...] [--json PATH] [--no-fp8-compute] [--no-gpu]\n"
-        "  Decodes the same synthetic caches with several KV-cache schemes and reports, against a float64\n"
-        "  reference on the unquantized data: output relative L2 error, 1 - cosine, max |lse error| and the\n"
-        "  overlap of the top-k attended tokens (k = max(16, 1%% of tokens)). Schemes: bf16; fp8 with one\n"
-        "  scale per tensor or per token over all 576 dims; fp8 per 128-dim tile with power-of-two scales\n"
-        "  and bf16 RoPE (FlashMLA's sparse layout); the snapmla fp8 format (written by write_kv_cache);\n"
-        "  the same with the kernel's fp8 query rounding emulated, then with its P rounding too; and the\n"
-        "  GPU kernel itself when a Hopper GPU is present.\n"
-        "  Case i,j (distribution i, length j) uses seed SEED + 100*i + j.\n"
-        "  Distributions: all");
-    for (synthetic::Distribution d : synthetic::all_distributions()) std::printf(" %s", synthetic::distribution_name(d));
-    std::printf("\n  Details and results: docs/accuracy.md.\n");
+  std::string usage =
+      "snapmla accuracy [--lengths 1024,8192,32768,131072] [--heads 16] [--batch 1] [--seed 2026]\n"
+      "                 [--distributions all|NAME,...] [--json PATH] [--no-fp8-compute] [--no-gpu]\n"
+      "  Decodes the same synthetic caches with several KV-cache schemes and reports, against a float64\n"
+      "  reference on the unquantized data: output relative L2 error, 1 - cosine, max |lse error| and the\n"
+      "  overlap of the top-k attended tokens (k = max(16, 1% of tokens)). Schemes: bf16; fp8 with one\n"
+      "  scale per tensor or per token over all 576 dims; fp8 per 128-dim tile with power-of-two scales\n"
+      "  and bf16 RoPE (FlashMLA's sparse layout); the snapmla fp8 format (written by write_kv_cache);\n"
+      "  the same with the kernel's fp8 query rounding emulated, then with its P rounding too; and the\n"
+      "  GPU kernel itself when a Hopper GPU is present.\n"
+      "  Case i,j (distribution i, length j) uses seed SEED + 100*i + j.\n"
+      "  Distributions: all";
+  for (synthetic::Distribution d : synthetic::all_distributions()) usage += std::string(" ") + synthetic::distribution_name(d);
+  usage += "\n  Details and results: docs/accuracy.md.\n";
+  if (opt.handle_help(usage, {"lengths", "heads", "batch", "seed", "distributions", "json", "no-fp8-compute", "no-gpu"}))
     return 0;
-  }
-  opt.reject_unknown({"lengths", "heads", "batch", "seed", "distributions", "json", "no-fp8-compute", "no-gpu"});
   StudyConfig cfg;
   cfg.batch = static_cast<int>(opt.get_int("batch", 1));
   cfg.heads = static_cast<int>(opt.get_int("heads", 16));

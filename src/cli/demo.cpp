@@ -22,17 +22,14 @@ void print_error_line(const char* label, const reference::ErrorStats& e, const r
 
 int run_demo(int argc, char** argv) {
   Options opt(argc, argv);
-  if (opt.has("help")) {
-    std::printf(
-        "snapmla demo [--cpu] [--batch B] [--seqlen S] [--heads H] [--seed N]\n"
-        "  Runs one MLA decode step (absorbed DeepSeek-V3 attention: H query heads, 512 + 64 latent dims)\n"
-        "  over a paged cache in the bf16 and the fp8 format, on the GPU when a Hopper GPU is present\n"
-        "  (else, or with --cpu, on the CPU reference backend at a smaller size), and reports each\n"
-        "  format's bytes per token and its output error against a float64 reference computed on the\n"
-        "  unquantized inputs.\n");
-    return 0;
-  }
-  opt.reject_unknown({"cpu", "batch", "seqlen", "heads", "seed"});
+  const std::string usage =
+      "snapmla demo [--cpu] [--batch B] [--seqlen S] [--heads H] [--seed N]\n"
+      "  Runs one MLA decode step (absorbed DeepSeek-V3 attention: H query heads, 512 + 64 latent dims)\n"
+      "  over a paged cache in the bf16 and the fp8 format, on the GPU when a Hopper GPU is present\n"
+      "  (else, or with --cpu, on the CPU reference backend at a smaller size), and reports each\n"
+      "  format's bytes per token and its output error against a float64 reference computed on the\n"
+      "  unquantized inputs.\n";
+  if (opt.handle_help(usage, {"cpu", "batch", "seqlen", "heads", "seed"})) return 0;
   const bool on_gpu = !opt.has("cpu") && hopper_available();
   synthetic::WorkloadSpec spec;
   spec.batch = static_cast<int>(opt.get_int("batch", on_gpu ? 16 : 2));

@@ -1,5 +1,6 @@
 #include "cli/options.h"
 
+#include <cstdio>
 #include <sstream>
 #include <stdexcept>
 
@@ -65,6 +66,19 @@ void Options::reject_unknown(const std::vector<std::string>& known) const {
       throw std::invalid_argument("unknown option --" + name + " (accepted:" + list + ")");
     }
   }
+}
+
+}  // namespace snapmla::cli
+
+namespace snapmla::cli {
+
+bool Options::handle_help(const std::string& usage, const std::vector<std::string>& known) const {
+  if (has("help")) {
+    std::fputs(usage.c_str(), stdout);
+    return true;
+  }
+  reject_unknown(known);
+  return false;
 }
 
 }  // namespace snapmla::cli

@@ -17,6 +17,9 @@ class Options {
   std::vector<long> get_int_list(const std::string& name, const std::vector<long>& fallback) const;
   // Throws on options nobody asked for (typos), listing the accepted ones.
   void reject_unknown(const std::vector<std::string>& known) const;
+  // Prints `usage` and returns true when --help was given; otherwise rejects
+  // options outside `known` and returns false. Every sub-command starts with it.
+  bool handle_help(const std::string& usage, const std::vector<std::string>& known) const;
 
  private:
   std::map<std::string, std::string> values_;
