@@ -2,11 +2,16 @@
 // CPU backend and the reference (views arrive validated, so no checks here).
 #pragma once
 
+#if defined(__linux__)
+#include <sched.h>
+#endif
+
 #include <algorithm>
 #include <atomic>
 #include <cstdint>
 #include <exception>
 #include <mutex>
+#include <system_error>
 #include <thread>
 #include <vector>
 
@@ -38,7 +43,13 @@ inline int64_t element_offset(const TensorView& t, int64_t i0, int64_t i1 = 0, i
   return off;
 }
 
+// The CPUs this process may run on (its affinity mask, which containers and
+// taskset narrow), not every CPU of the host.
 inline int cpu_thread_count() {
+#if defined(__linux__)
+  cpu_set_t set;
+  if (sched_getaffinity(0, sizeof set, &set) == 0) return std::max(1, CPU_COUNT(&set));
+#endif
   const unsigned n = std::thread::hardware_concurrency();
   return n == 0 ? 1 : static_cast<int>(n);
 }
@@ -65,7 +76,11 @@ void parallel_for(int64_t n, Body&& body) {
     }
   };
   std::vector<std::thread> pool;
-  for (int t = 1; t < threads; ++t) pool.emplace_back(worker);
+  try {
+    for (int t = 1; t < threads; ++t) pool.emplace_back(worker);
+  } catch (const std::system_error&) {
+    // No more threads to be had (a pids limit): the ones started and this one finish the work.
+  }
   worker();
   for (auto& th : pool) th.join();
   if (failure) std::rethrow_exception(failure);
