@@ -66,13 +66,12 @@ struct DeviceCache {
       return buffers.back()->get();
     };
     const int64_t slots = pages * kPageSize;
-    view.format = format;
     if (format == KvFormat::kBF16) {
-      view.data = TensorView::contiguous(alloc(slots * kHeadDim * 2), DType::kBFloat16, gpu, {pages, kPageSize, 1, kHeadDim});
+      view = KvCacheView::bf16(alloc(slots * kHeadDim * 2), pages, gpu);
     } else {
-      view.nope = TensorView::contiguous(alloc(slots * kNopeDim), DType::kFloat8E4M3, gpu, {pages, kPageSize, 1, kNopeDim});
-      view.scale = TensorView::contiguous(alloc(slots * 4), DType::kFloat32, gpu, {pages, kPageSize, 1, 1});
-      view.rope = TensorView::contiguous(alloc(slots * kRopeDim * 2), DType::kBFloat16, gpu, {pages, kPageSize, 1, kRopeDim});
+      void* nope = alloc(slots * kNopeDim);
+      void* scale = alloc(slots * 4);
+      view = KvCacheView::fp8(nope, scale, alloc(slots * kRopeDim * 2), pages, gpu);
     }
   }
 };

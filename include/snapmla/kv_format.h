@@ -48,6 +48,10 @@ struct KvCacheView {
 
   int64_t num_pages() const;
   Device device() const;
+
+  // Contiguous views of caller-owned memory laid out as this header describes.
+  static KvCacheView bf16(void* data, int64_t num_pages, Device device);
+  static KvCacheView fp8(void* nope, void* scale, void* rope, int64_t num_pages, Device device);
 };
 
 }  // namespace snapmla

@@ -105,20 +105,15 @@ GpuDecode::GpuDecode(const synthetic::WorkloadSpec& s, const std::vector<float>&
   m.q = upload(to_bf16_bits(q));
   m.block_table = upload(block_table);
   m.seqlens = upload(s.seqlens);
-  KvCacheView& v = m.params.cache;
-  v.format = seed.format;
-  const int64_t pages = pool_pages;
-  const size_t slots = static_cast<size_t>(pages) * kPageSize;
+  const size_t slots = static_cast<size_t>(pool_pages) * kPageSize;
   if (seed.format == KvFormat::kBF16) {
     m.data = upload_tiled(seed.data, slots * kHeadDim);
-    v.data = TensorView::contiguous(m.data.ptr, DType::kBFloat16, gpu, {pages, kPageSize, 1, kHeadDim});
+    m.params.cache = KvCacheView::bf16(m.data.ptr, pool_pages, gpu);
   } else {
     m.nope = upload_tiled(seed.nope, slots * kNopeDim);
     m.scale = upload_tiled(seed.scale, slots);
     m.rope = upload_tiled(seed.rope, slots * kRopeDim);
-    v.nope = TensorView::contiguous(m.nope.ptr, DType::kFloat8E4M3, gpu, {pages, kPageSize, 1, kNopeDim});
-    v.scale = TensorView::contiguous(m.scale.ptr, DType::kFloat32, gpu, {pages, kPageSize, 1, 1});
-    v.rope = TensorView::contiguous(m.rope.ptr, DType::kBFloat16, gpu, {pages, kPageSize, 1, kRopeDim});
+    m.params.cache = KvCacheView::fp8(m.nope.ptr, m.scale.ptr, m.rope.ptr, pool_pages, gpu);
   }
   const int rows = s.s_q * s.h_q;
   const int parts = decode_num_sm_parts(gpu, rows);
@@ -185,11 +180,6 @@ DecodeOutput GpuDecode::download() const {
   return r;
 }
 
-size_t GpuDecode::cache_bytes() const {
-  const Impl& m = *impl_;
-  return m.data.size + m.nope.size + m.scale.size + m.rope.size;
-}
-
 #else
 
 struct GpuDecode::Impl {};
@@ -204,7 +194,6 @@ void GpuDecode::plan() {}
 void GpuDecode::launch(void*) {}
 void GpuDecode::use_separate_query_quantization() {}
 DecodeOutput GpuDecode::download() const { return {}; }
-size_t GpuDecode::cache_bytes() const { return 0; }
 
 #endif
 

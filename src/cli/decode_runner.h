@@ -38,7 +38,6 @@ class GpuDecode {
   // decode the pre-quantized query, instead of quantizing in the decode's prologue.
   void use_separate_query_quantization();
   DecodeOutput download() const;
-  size_t cache_bytes() const;
 
  private:
   struct Impl;

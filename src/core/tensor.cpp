@@ -100,4 +100,20 @@ int64_t KvCacheView::num_pages() const {
 
 Device KvCacheView::device() const { return format == KvFormat::kBF16 ? data.device : nope.device; }
 
+KvCacheView KvCacheView::bf16(void* data, int64_t num_pages, Device device) {
+  KvCacheView v;
+  v.format = KvFormat::kBF16;
+  v.data = TensorView::contiguous(data, DType::kBFloat16, device, {num_pages, kPageSize, 1, kHeadDim});
+  return v;
+}
+
+KvCacheView KvCacheView::fp8(void* nope, void* scale, void* rope, int64_t num_pages, Device device) {
+  KvCacheView v;
+  v.format = KvFormat::kFP8;
+  v.nope = TensorView::contiguous(nope, DType::kFloat8E4M3, device, {num_pages, kPageSize, 1, kNopeDim});
+  v.scale = TensorView::contiguous(scale, DType::kFloat32, device, {num_pages, kPageSize, 1, 1});
+  v.rope = TensorView::contiguous(rope, DType::kBFloat16, device, {num_pages, kPageSize, 1, kRopeDim});
+  return v;
+}
+
 }  // namespace snapmla

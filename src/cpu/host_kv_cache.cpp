@@ -18,17 +18,8 @@ HostKvCache::HostKvCache(KvFormat f, int64_t pages) : format(f), num_pages(pages
 }
 
 KvCacheView HostKvCache::view() {
-  KvCacheView v;
-  v.format = format;
-  const Device cpu = Device::cpu();
-  if (format == KvFormat::kBF16) {
-    v.data = TensorView::contiguous(data.data(), DType::kBFloat16, cpu, {num_pages, kPageSize, 1, kHeadDim});
-  } else {
-    v.nope = TensorView::contiguous(nope.data(), DType::kFloat8E4M3, cpu, {num_pages, kPageSize, 1, kNopeDim});
-    v.scale = TensorView::contiguous(scale.data(), DType::kFloat32, cpu, {num_pages, kPageSize, 1, 1});
-    v.rope = TensorView::contiguous(rope.data(), DType::kBFloat16, cpu, {num_pages, kPageSize, 1, kRopeDim});
-  }
-  return v;
+  return format == KvFormat::kBF16 ? KvCacheView::bf16(data.data(), num_pages, Device::cpu())
+                                   : KvCacheView::fp8(nope.data(), scale.data(), rope.data(), num_pages, Device::cpu());
 }
 
 HostKvCache host_kv_cache_from_workload(const synthetic::Workload& w, KvFormat format) {

@@ -118,17 +118,9 @@ struct GpuDecode {
             TensorView::contiguous(num_splits.get(), DType::kInt32, kGpu, {batch + 1})};
   }
   KvCacheView cache_view() const {
-    KvCacheView v;
-    v.format = format;
     const int64_t pages = host_cache.num_pages;
-    if (format == KvFormat::kBF16) {
-      v.data = TensorView::contiguous(cache_data.get(), DType::kBFloat16, kGpu, {pages, kPageSize, 1, kHeadDim});
-    } else {
-      v.nope = TensorView::contiguous(cache_nope.get(), DType::kFloat8E4M3, kGpu, {pages, kPageSize, 1, kNopeDim});
-      v.scale = TensorView::contiguous(cache_scale.get(), DType::kFloat32, kGpu, {pages, kPageSize, 1, 1});
-      v.rope = TensorView::contiguous(cache_rope.get(), DType::kBFloat16, kGpu, {pages, kPageSize, 1, kRopeDim});
-    }
-    return v;
+    if (format == KvFormat::kBF16) return KvCacheView::bf16(cache_data.get(), pages, kGpu);
+    return KvCacheView::fp8(cache_nope.get(), cache_scale.get(), cache_rope.get(), pages, kGpu);
   }
   DecodeParams params() const {
     DecodeParams p;

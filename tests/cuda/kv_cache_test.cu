@@ -106,16 +106,8 @@ std::vector<CachePiece> cache_pieces(KvFormat format) {
 }
 
 KvCacheView cache_view(KvFormat format, int64_t pages, const std::vector<uint8_t*>& pieces, Device device) {
-  KvCacheView v;
-  v.format = format;
-  if (format == KvFormat::kBF16) {
-    v.data = TensorView::contiguous(pieces[0] + kGuardBytes, DType::kBFloat16, device, {pages, kPageSize, 1, kHeadDim});
-  } else {
-    v.nope = TensorView::contiguous(pieces[0] + kGuardBytes, DType::kFloat8E4M3, device, {pages, kPageSize, 1, kNopeDim});
-    v.scale = TensorView::contiguous(pieces[1] + kGuardBytes, DType::kFloat32, device, {pages, kPageSize, 1, 1});
-    v.rope = TensorView::contiguous(pieces[2] + kGuardBytes, DType::kBFloat16, device, {pages, kPageSize, 1, kRopeDim});
-  }
-  return v;
+  if (format == KvFormat::kBF16) return KvCacheView::bf16(pieces[0] + kGuardBytes, pages, device);
+  return KvCacheView::fp8(pieces[0] + kGuardBytes, pieces[1] + kGuardBytes, pieces[2] + kGuardBytes, pages, device);
 }
 
 // The same cache bytes on the host and on the GPU.
