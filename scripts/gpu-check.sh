@@ -3,6 +3,8 @@
 # run the GPU tests, the demo, the Python suite and the benchmarks, keep logs
 # under $OUT (at most 8 files come back) and print a short table last.
 #   scripts/gpu-check.sh [all|tests|python|bench]     (default all)
+# Optional: GTEST_FILTER (a gtest filter for the GPU tests), BENCH_ARGS (extra
+# `snapmla bench` options, e.g. "--format fp8").
 # The machine has no package registry: .deps/gtest and .deps/cutlass must be
 # carried from the development machine, where scripts/install-deps.sh made them.
 set -uo pipefail
@@ -28,7 +30,8 @@ note "build: ok in $(( $(date +%s) - t0 )) s on $jobs cores"
 rm -f "$OUT/build.log"
 
 if [ "$mode" = all ] || [ "$mode" = tests ]; then
-  build-gpu/snapmla_gpu_tests --gtest_color=no >"$OUT/gpu-tests.log" 2>&1
+  # A kernel that hangs must not eat the session's device time.
+  timeout 300 build-gpu/snapmla_gpu_tests --gtest_color=no ${GTEST_FILTER:+--gtest_filter="$GTEST_FILTER"} >"$OUT/gpu-tests.log" 2>&1
   note "gpu tests: exit $?; $(grep -E '^\[  PASSED  \]|^\[  FAILED  \] [0-9]+ test|^\[  SKIPPED \] [0-9]+ test' "$OUT/gpu-tests.log" | tr '\n' ' ')"
   grep -E '^\[  FAILED  \] [A-Za-z]' "$OUT/gpu-tests.log" | sort -u | head -20 | tee -a "$summary"
   grep -E '^CASE |^WGMMA-' "$OUT/gpu-tests.log" >"$OUT/cases.txt"
@@ -55,9 +58,9 @@ if [ "$mode" = all ] || [ "$mode" = python ]; then
 fi
 
 if [ "$mode" = all ] || [ "$mode" = bench ]; then
-  build-gpu/snapmla bench --json "$OUT/bench.json" >"$OUT/bench.log" 2>&1
+  timeout 300 build-gpu/snapmla bench ${BENCH_ARGS:-} --json "$OUT/bench.json" >"$OUT/bench.log" 2>&1
   note "bench: exit $?"
-  build-gpu/snapmla kv-bench --json "$OUT/kv-bench.json" >>"$OUT/bench.log" 2>&1
+  timeout 120 build-gpu/snapmla kv-bench --json "$OUT/kv-bench.json" >>"$OUT/bench.log" 2>&1
   note "kv-bench: exit $?"
 fi
 

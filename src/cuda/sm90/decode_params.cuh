@@ -118,6 +118,50 @@ __device__ __forceinline__ int resolve_page(const DecodeKernelParams& p, const S
   return min(kPageSize, piece.s_k - page * kPageSize);
 }
 
+// The walk over a CTA's pages in order, across the pieces of its SchedulePart;
+// past the last page, piece.batch = part.end_batch + 1.
+struct PageCursor {
+  SequencePiece piece;
+  int page;
+};
+__device__ __forceinline__ void skip_finished_pieces(const DecodeKernelParams& p, const SchedulePart& part,
+                                                     PageCursor& c) {
+  while (c.page >= c.piece.page_end) {
+    if (c.piece.batch >= part.end_batch) {
+      c.piece.batch = part.end_batch + 1;
+      c.piece.page_end = c.page + 1;  // stops the walk
+      return;
+    }
+    c.piece = sequence_piece(p, part, c.piece.batch + 1);
+    c.page = c.piece.page_begin;
+  }
+}
+__device__ __forceinline__ PageCursor first_page(const DecodeKernelParams& p, const SchedulePart& part) {
+  PageCursor c{sequence_piece(p, part, part.begin_batch), 0};
+  c.page = c.piece.page_begin;
+  skip_finished_pieces(p, part, c);
+  return c;
+}
+__device__ __forceinline__ void next_page(const DecodeKernelParams& p, const SchedulePart& part, PageCursor& c) {
+  ++c.page;
+  skip_finished_pieces(p, part, c);
+}
+__device__ __forceinline__ bool has_page(const SchedulePart& part, const PageCursor& c) {
+  return c.piece.batch <= part.end_batch;
+}
+
+// 2^x on MUFU.EX2 alone: the ftz form skips exp2f's rescaling around results
+// below 2^-126, which only differ from 0 for tokens whose weight relative to
+// the row's running maximum is below 2^-126 (invisible after normalisation).
+__device__ __forceinline__ float exp2_ftz(float x) {
+  float y;
+  asm("ex2.approx.ftz.f32 %0, %1;" : "=f"(y) : "f"(x));
+  return y;
+}
+
+// Shared-memory tiles that wgmma reads with a swizzle start 1024-byte aligned.
+__host__ __device__ constexpr int align1024(int bytes) { return (bytes + 1023) / 1024 * 1024; }
+
 // Tokens of the piece's sequence that tile row r sees (0 for padding rows).
 // Causal MTP: query i of s_q sees the first s_k - s_q + i + 1 tokens.
 __device__ __forceinline__ int visible_tokens(const DecodeKernelParams& p, const SequencePiece& piece, int r) {

@@ -1,54 +1,54 @@
 // The sm_90a fp8 split-KV MLA decode kernel on Hopper's fp8 tensor cores
-// (wgmma). Same contract, schedule walk, split partials, query prologue and
-// online-softmax / P-quantization math as the mma.sync kernel
-// (decode_kernel.cuh), which ptxas lowers to f16 HMMA on sm_90: e4m3 operands
-// reach the fp8 tensor cores only through wgmma.
+// (wgmma). Same contract, schedule walk, split partials and query prologue as
+// the mma.sync kernel (decode_kernel.cuh), which ptxas lowers to f16 HMMA on
+// sm_90: e4m3 operands reach the fp8 tensor cores only through wgmma.
 //
 // CTA: 64 query rows (rows [64 x, 64 x + 64) of a sequence; missing rows are
-// zero padding) and 2 math warpgroups (256 threads), walking the
-// (sequence, page range) pieces of its SchedulePart with pages strictly in
-// order (each page's P scale is applied to an accumulator that has seen all
-// earlier pages and no later one: SnapMLA's order enforcement).
+// zero padding), 3 warpgroups: a producer (page copies, V^T) and two math
+// warpgroups in a "seesaw" (v7): the CTA's n-th page (counted over all pieces
+// of its SchedulePart) belongs to math warpgroup n % 2, which computes its
+// scores and its P^; BOTH math warpgroups then add that page's P^ V into
+// their half of O, pages strictly in order (every page's P scale meets an
+// accumulator that has seen all earlier pages and no later one: SnapMLA's
+// order). While one warpgroup runs its softmax on the CUDA cores, the other
+// keeps the tensor cores busy with a QK or a PV.
 //
-// Per page, warpgroup g:
-//   QK   S[64 rows x 32 tokens] for the page's tokens [32 g, 32 g + 32) in fp32
-//        registers: bf16 m64n32k16 x 4 over the RoPE dims into S, and e4m3
-//        m64n32k32 over the NoPE dims in 4 chunks of 128 dims, each into a
-//        fresh fragment T (two in flight) that is then added to S in fp32
-//        (Hopper's fp8 MMA keeps fewer than fp32's accumulator bits;
-//        DeepGEMM's promotion). While each chunk runs, all 256 threads build a
-//        quarter of the page's V^T.
-//   softmax  v1's math on the warpgroup's 32 columns, in registers (a row
-//        lives in one quad of lanes), with ONE shared-memory exchange per
-//        page: each warpgroup publishes, per row, the maximum m_g of its x
-//        and the maximum f_g of its f' = 2^(x - m_g) k_scale. With the page's
-//        m = max(m_old, m_0, m_1) and c_g = 2^(m_g - m), every token's
-//        f = 2^(x - m) k_scale is f' c_g (exact up to rounding), and max f =
-//        max_g f_g c_g exactly (rounding is monotonic), so the P scale s_p =
-//        max f / 448 is that of the quantized values. P^ = e4m3(f' c_g / s_p)
-//        goes to a shared K-major SW64 tile in V^T's token order.
-//   PV   warpgroup g: O[:, 256 g, 256 g + 256) (128 fp32 registers) =
-//        O * beta + P^ V^ with P^ and V^ from shared memory (SS), in four
-//        n64 quarters with two in flight, each into a fresh fragment that is
-//        added to O in fp32 while the next quarter runs (see the PV step).
-//   Each warpgroup keeps its own part of l (both apply the same beta),
-//   summed in the epilogue.
-//
-// Barriers per page: 3 (top: the previous PV is done with V^T and P^;
-// exchange; before PV: V^T, P^ and the next page's stage are visible).
+// Owner of page n (warpgroup n % 2):
+//   QK   S[64 rows x 64 tokens] fp32: bf16 m64n64k16 x 4 over the RoPE dims
+//        into S, e4m3 m64n64k32 over the NoPE dims in 4 chunks of 128 dims,
+//        each into a fresh fragment T added to S in fp32 (Hopper's fp8 MMA
+//        keeps fewer than fp32's accumulator bits; DeepGEMM's promotion).
+//   softmax on the page alone: x = S q_scale k_scale scale_log2 (log2 units),
+//        m_n = max x, e = 2^(x - m_n), f = e k_scale (V's per-token scale
+//        folded into P), P scale s_n = max f / 448, P^ = e4m3(f / s_n) into
+//        P tile n % 2 (K-major SW64, V^T's token order), and per row (m_n,
+//        s_n) plus this thread's part of sum e. Quantizing relative to the
+//        page's own maximum gives the same P^ as relative to the running
+//        maximum (P^ is invariant to a per-row factor), so no exchange
+//        between the warpgroups precedes it.
+// Every math warpgroup g, page n in order:
+//   PV   acc_n = P^_n V^_n for its dims [256 g, 256 g + 256) (four n64
+//        quarters, each a fresh fragment), added to O with one FFMA per
+//        element: O += acc_n (s_n 2^(m_n - mu)), l += esum_n 2^(m_n - mu).
+//        mu is O's reference maximum, raised (and O, l rescaled) only when a
+//        page's m_n exceeds it by more than kLazyRescaleLog2, so factors stay
+//        <= 2^kLazyRescaleLog2 and the rescale is rare. Both warpgroups apply
+//        the same updates to the same published numbers, so their mu and l
+//        agree bit for bit.
 //
 // Shared memory (tiles 1024-byte aligned; wgmma.cuh states the layouts):
 //   Q8      4 SW128 tiles [64 rows x 128 B]: tile c holds NoPE dims [128 c, 128 c + 128)
 //   Q rope  1 SW128 tile [64 rows x 64 bf16]
 //   Q scale 64 f32
-//   3 stages of: K8 4 SW128 tiles [64 tokens x 128 B], K rope SW128 [64 x 64 bf16],
-//           64 f32 token scales (masked tokens: zero-filled, so all of them are finite)
-//   V^T     SW64 [512 dims x 64 B]: row d holds dim d of the page's 64 tokens,
-//           tokens of each 16-token group in the order {0,1,8,9, 2,3,10,11,
-//           4,5,12,13, 6,7,14,15}, so that a thread's own S columns
-//           8 j + 2 (lane % 4) + {0, 1} are 4 consecutive k bytes of a row of P^.
-//   P^      SW64 [64 rows x 64 tokens] e4m3 in the same token order.
-//   exchange [2 warpgroups][64 rows] float2 (m_g, f_g), and [2][64] f32 l (epilogue).
+//   2 stages (page n in stage n % 2) of: K8 4 SW128 tiles [64 tokens x 128 B], K rope SW128
+//           [64 x 64 bf16], 64 f32 token scales (masked tokens: zero-filled, so all finite), valid count
+//   2 V^T   SW64 [512 dims x 64 B] (page n in buffer n % 2): row d holds dim d of the page's 64
+//           tokens, tokens of each 16-token group in the order {0,1,8,9, 2,3,10,11, 4,5,12,13,
+//           6,7,14,15}, so that a thread's own S columns 8 j + 2 (lane % 4) + {0, 1} are 4
+//           consecutive k bytes of a row of P^.
+//   2 P^    SW64 [64 rows x 64 tokens] e4m3 in the same token order, and per row float2 (m_n, s_n)
+//           and float[4] (the quad lanes' parts of sum e).
+//   mbarriers: stage full / empty, V^T full / empty, P full / empty, two of each.
 #pragma once
 
 #include <cuda_runtime.h>
@@ -65,47 +65,23 @@
 
 namespace snapmla::cuda::sm90::wgmma_decode {
 
-// ---- switches (compile time; the proven v3 path is the other value) ----
-// PV in four pipelined n64 quarters (two fragments of 32 registers in
-// flight) instead of two serial n128 halves (v3).
-inline constexpr bool kPvQuarterPipeline = true;
-// v5: a third, producer warpgroup issues the page copies and builds each
-// page's V^T (into one of two buffers) while the two math warpgroups compute,
-// handing both over through mbarriers; the math warpgroups keep v4's per-page
-// math. Off (v4): the math warpgroups copy and build V^T themselves.
-// On by default since it was measured (docs/perf-notes.md, v5); -DSNAPMLA_PRODUCER_WARPGROUP=0
-// builds v4 (no producer) for comparison.
-#ifndef SNAPMLA_PRODUCER_WARPGROUP
-#define SNAPMLA_PRODUCER_WARPGROUP 1
-#endif
-inline constexpr bool kProducerWarpgroup = SNAPMLA_PRODUCER_WARPGROUP != 0;
-// v6 (producer only): the V^T build issues kVtLoadsInFlight ldmatrix.x4 before
-// their permutes and stores (v5: one; ptxas cannot hoist an ldmatrix above the
-// previous step's st.shared, so every step paid the full ldmatrix latency),
-// and the block-table entry of the page ahead is read before the V^T build
-// rather than after it. Needs the producer's 56 registers (math 224).
-// -DSNAPMLA_DECODE_V6=0 builds v5 (one load in flight, 40 / 232; same SASS up to
-// three equivalent inverted predicates).
-#ifndef SNAPMLA_DECODE_V6
-#define SNAPMLA_DECODE_V6 1
-#endif
-inline constexpr bool kProducerV6 = kProducerWarpgroup && SNAPMLA_DECODE_V6 != 0;
-inline constexpr int kVtLoadsInFlight = kProducerV6 ? 8 : 1;
+// The producer's V^T build issues this many ldmatrix.x4 before their permutes
+// and stores (v6; ptxas cannot hoist an ldmatrix above an earlier st.shared).
+inline constexpr int kVtLoadsInFlight = 8;
 
 inline constexpr int kRows = 64;  // the wgmma M
 inline constexpr int kWarpGroups = 2;  // math warpgroups
 inline constexpr int kMathThreads = kWarpGroups * 128;
 inline constexpr int kProducerThreads = 128;
-inline constexpr int kThreads = kMathThreads + (kProducerWarpgroup ? kProducerThreads : 0);
-inline constexpr int kWarps = kMathThreads / 32;  // math warps
-// setmaxnreg budgets: 128 x producer + 256 x math <= 64 K registers (v5: 40 / 232;
-// v6: 56 / 224, the math warpgroups' page loop needs at most 222 with 0 spills).
-inline constexpr int kProducerRegisters = kProducerV6 ? 56 : 40;
-inline constexpr int kMathRegisters = kProducerV6 ? 224 : 232;
+inline constexpr int kThreads = kMathThreads + kProducerThreads;
+inline constexpr int kWarps = kMathThreads / 32;  // the V^T walk's (virtual) warps
+// setmaxnreg budgets: 128 x producer + 256 x math <= 64 K registers.
+inline constexpr int kProducerRegisters = 56;
+inline constexpr int kMathRegisters = 224;
 static_assert(kProducerThreads * kProducerRegisters + kMathThreads * kMathRegisters <= 64 * 1024,
               "setmaxnreg budgets exceed the register file");
 inline constexpr int kDimsPerWarpGroup = kHeadDimV / kWarpGroups;  // 256 output dims per warpgroup
-inline constexpr int kPvN = kPvQuarterPipeline ? 64 : 128;         // the PV wgmma N
+inline constexpr int kPvN = 64;                                    // the PV wgmma N
 inline constexpr int kPvSteps = kDimsPerWarpGroup / kPvN;          // PV fragments per page
 inline constexpr int kPvRegs = kPvN / 2;                           // fp32 registers per PV fragment
 inline constexpr int kTileRowBytes = 128;                          // SW128 row
@@ -114,22 +90,20 @@ inline constexpr int kNopeTiles = kNopeDim / kTileRowBytes;        // 4 QK chunk
 inline constexpr int kNopeChunks = kNopeDim / 16;                  // 16-byte chunks per NoPE row
 inline constexpr int kRopeChunks = kRopeDim * 2 / 16;              // per RoPE row
 inline constexpr int kVtRowBytes = kPageSize;                      // e4m3 tokens per V^T row
-inline constexpr int kTokensPerWarpGroup = kPageSize / kWarpGroups;  // S columns per warpgroup
-inline constexpr int kSRegs = kTokensPerWarpGroup / 2;               // S fragment (m64n32) registers
+inline constexpr int kSRegs = kPageSize / 2;                       // S fragment (m64n64) registers
 inline constexpr float kNegInf = -__builtin_huge_valf();
+// O's reference maximum lags a page's maximum by at most this (log2 units):
+// page factors stay <= 256, far from fp32's range.
+inline constexpr float kLazyRescaleLog2 = 8.0f;
 static_assert(kPageSize == 64 && kRows == 64, "tile shapes assume 64-token pages and 64-row CTAs");
 static_assert(kRopeDim * 2 == kTileRowBytes, "a RoPE row must be one SW128 row");
 static_assert(kVtRowBytes == 64, "V^T rows must be one SW64 row");
 
-__host__ __device__ constexpr int align1024(int bytes) { return (bytes + 1023) / 1024 * 1024; }
-
-// Page stages. v4: two pages in flight while one is computed (one CTA per
-// SM, so the cp.async queue is the only latency hiding there is). v5: two
-// stages and two V^T buffers (three stages and two V^T buffers exceed 227 KB);
-// the producer refills a stage as soon as the math warpgroups have read it
-// (after QK), about one page ahead.
-inline constexpr int kStages = kProducerWarpgroup ? 2 : 3;
-inline constexpr int kVtBuffers = kProducerWarpgroup ? 2 : 1;
+// Two of each per-page buffer: page n uses number n % 2, and the owner of
+// page n is math warpgroup n % 2 (three stages plus two V^T buffers exceed 227 KB).
+inline constexpr int kStages = 2;
+inline constexpr int kVtBuffers = 2;
+inline constexpr int kPBuffers = 2;
 
 struct Smem {
   static constexpr int kQ = 0;
@@ -138,28 +112,29 @@ struct Smem {
   static constexpr int kStage0 = align1024(kQScale + kRows * 4);
   static constexpr int kStageRope = kNopeTiles * kTileBytes;
   static constexpr int kStageScale = kStageRope + kTileBytes;
-  // v5: the page's valid-token count, written by the producer.
-  static constexpr int kStageValid = kStageScale + kPageSize * 4;
+  static constexpr int kStageValid = kStageScale + kPageSize * 4;  // written by the producer
   static constexpr int kStageBytes = align1024(kStageValid + 4);
   static constexpr int kVt = kStage0 + kStages * kStageBytes;
   static constexpr int kVtBytes = kHeadDimV * kVtRowBytes;
   static constexpr int kPTile = kVt + kVtBuffers * kVtBytes;
-  // [2 warpgroups][64 rows] float2 (m_g, f_g), then [2][64] f32 l.
-  static constexpr int kExchange = kPTile + kRows * kVtRowBytes;
-  static constexpr int kExchangeSlots = kWarpGroups * kRows;
-  static constexpr int kSumExchange = kExchange + kExchangeSlots * 8;
-  // v5 mbarriers: stage full / empty [kStages], V^T full / empty [kVtBuffers].
-  static constexpr int kBarriers = kSumExchange + kExchangeSlots * 4;
+  static constexpr int kPTileBytes = kRows * kVtRowBytes;
+  // Per P buffer: [64 rows] float2 (m_n, s_n), then [64 rows][4 quad lanes] f32 sum e.
+  static constexpr int kPageStats = kPTile + kPBuffers * kPTileBytes;
+  static constexpr int kRowStatsBytes = kRows * 8;
+  static constexpr int kPageStatsBytes = kRowStatsBytes + kRows * 4 * 4;
+  static constexpr int kBarriers = kPageStats + kPBuffers * kPageStatsBytes;
   static constexpr int kStageFull = kBarriers;
   static constexpr int kStageEmpty = kStageFull + kStages * 8;
   static constexpr int kVtFull = kStageEmpty + kStages * 8;
   static constexpr int kVtEmpty = kVtFull + kVtBuffers * 8;
-  static constexpr int kBytes = kVtEmpty + kVtBuffers * 8;
+  static constexpr int kPFull = kVtEmpty + kVtBuffers * 8;
+  static constexpr int kPEmpty = kPFull + kPBuffers * 8;
+  static constexpr int kBytes = kPEmpty + kPBuffers * 8;
   // The dynamic shared memory base is aligned up to 1024 at run time.
   static constexpr int kAllocBytes = kBytes + 1024;
   static_assert(kAllocBytes <= 227 * 1024, "wgmma decode tile does not fit in shared memory");
   static_assert(kQ % 1024 == 0 && kQRope % 1024 == 0 && kStage0 % 1024 == 0 && kStageBytes % 1024 == 0 &&
-                    kStageRope % 1024 == 0 && kVt % 1024 == 0 && kPTile % 1024 == 0,
+                    kStageRope % 1024 == 0 && kVt % 1024 == 0 && kPTile % 1024 == 0 && kPTileBytes % 1024 == 0,
                 "wgmma operand tiles must be 1024-byte aligned");
 };
 
@@ -201,8 +176,7 @@ __device__ __forceinline__ VtThreadOffsets vt_thread_offsets(int warp, int lane)
 }
 inline constexpr int kVtUnits = (kPageSize / 16) * (kNopeDim / 32);  // 64
 inline constexpr int kVtSteps = kVtUnits / kWarps;                   // 8 per warp
-inline constexpr int kVtStepsPerChunk = kVtSteps / kNopeTiles;       // 2 per warp per QK chunk
-static_assert(kVtStepsPerChunk * kWarps * kNopeTiles == kVtUnits, "V^T units must split evenly");
+static_assert(kVtSteps * kWarps == kVtUnits, "V^T units must split evenly");
 static_assert(kWarps == 8, "the V^T unit walk assumes token group = warp % 4");
 
 // Steps go in batches of kLoads: all the batch's ldmatrix first, then its
@@ -233,33 +207,16 @@ __device__ __forceinline__ void build_vt_steps(uint32_t k_tiles, uint32_t vt, co
 }
 static_assert(kVtSteps % kVtLoadsInFlight == 0, "V^T load batches must split a virtual warp's steps");
 
-// Issues the 4 e4m3 k steps of NoPE chunk `chunk` for 32 tokens into the
-// fresh fragment t, from descriptor low words (wgmma::desc_at) of Q8 and of
-// the warpgroup's first K8 token row.
+// Issues the 4 e4m3 k steps of NoPE chunk `chunk` for the page's 64 tokens
+// into the fresh fragment t, from descriptor low words (wgmma::desc_at) of Q8
+// and of the stage's K8.
 __device__ __forceinline__ void issue_qk_chunk(float (&t)[kSRegs], uint32_t q_desc, uint32_t k_desc, int chunk) {
 #pragma unroll
   for (int k = 0; k < kTileRowBytes / 32; ++k) {
     const uint32_t offset = chunk * kTileBytes + 32 * k;
-    wgmma::mma_64x32x32_e4m3_ss(t, wgmma::desc_at(q_desc, offset, wgmma::Swizzle::k128B),
+    wgmma::mma_64x64x32_e4m3_ss(t, wgmma::desc_at(q_desc, offset, wgmma::Swizzle::k128B),
                                 wgmma::desc_at(k_desc, offset, wgmma::Swizzle::k128B), k > 0);
   }
-}
-
-// The PV shape of a fragment's size: m64n64k32 (kPvQuarterPipeline) or m64n128k32.
-__device__ __forceinline__ void mma_pv(float (&d)[32], uint64_t p_desc, uint64_t v_desc, bool accumulate) {
-  wgmma::mma_64x64x32_e4m3_ss(d, p_desc, v_desc, accumulate);
-}
-__device__ __forceinline__ void mma_pv(float (&d)[64], uint64_t p_desc, uint64_t v_desc, bool accumulate) {
-  wgmma::mma_64x128x32_e4m3_ss(d, p_desc, v_desc, accumulate);
-}
-
-// 2^x on MUFU.EX2 alone: the ftz form skips exp2f's rescaling around results
-// below 2^-126, which only differ from 0 for tokens whose weight relative to
-// the row's running maximum is below 2^-126 (invisible after normalisation).
-__device__ __forceinline__ float exp2_ftz(float x) {
-  float y;
-  asm("ex2.approx.ftz.f32 %0, %1;" : "=f"(y) : "f"(x));
-  return y;
 }
 
 // Copies physical page `physical` (valid_rows of its tokens; resolve_page)
@@ -324,58 +281,21 @@ __device__ __forceinline__ int load_page(const DecodeKernelParams& p, const Sequ
   return valid_rows;
 }
 
-// The walk over a CTA's pages in order, across the pieces of its SchedulePart;
-// past the last page, piece.batch = part.end_batch + 1.
-struct PageCursor {
-  SequencePiece piece;
-  int page;
-};
-__device__ __forceinline__ void skip_finished_pieces(const DecodeKernelParams& p, const SchedulePart& part,
-                                                     PageCursor& c) {
-  while (c.page >= c.piece.page_end) {
-    if (c.piece.batch >= part.end_batch) {
-      c.piece.batch = part.end_batch + 1;
-      c.piece.page_end = c.page + 1;  // stops the walk
-      return;
-    }
-    c.piece = sequence_piece(p, part, c.piece.batch + 1);
-    c.page = c.piece.page_begin;
-  }
-}
-__device__ __forceinline__ PageCursor first_page(const DecodeKernelParams& p, const SchedulePart& part) {
-  PageCursor c{sequence_piece(p, part, part.begin_batch), 0};
-  c.page = c.piece.page_begin;
-  skip_finished_pieces(p, part, c);
-  return c;
-}
-__device__ __forceinline__ void next_page(const DecodeKernelParams& p, const SchedulePart& part, PageCursor& c) {
-  ++c.page;
-  skip_finished_pieces(p, part, c);
-}
-__device__ __forceinline__ bool has_page(const SchedulePart& part, const PageCursor& c) {
-  return c.piece.batch <= part.end_batch;
-}
-
-// v5 producer warpgroup (thread = 0..127): for the CTA's n-th page (all pieces
-// in order, n counted from 0), stage n % kStages and V^T buffer n % 2, phase
-// parity (n / kStages) % 2 and (n / 2) % 2:
-//   copies land (cp.async groups, one per page, kStages - 1 younger ones
-//   allowed) -> fence to the async proxy -> arrive on stage full (128);
-//   wait stage full (all copies of the page, for V^T) and V^T empty (both
-//   math warpgroups done with the PV of page n - 2) -> build V^T -> fence ->
-//   arrive on V^T full (128); wait stage empty (the math warpgroups read it,
-//   256 arrivals) -> copy page n + kStages into it.
-// The page's valid-token count goes next to its scales (thread 0, st.shared
-// before its arrive), for the math warpgroups' mask.
+// Producer warpgroup (thread = 0..127): for the CTA's n-th page (all pieces
+// in order, n counted from 0), stage, V^T buffer n % 2 and phase parity
+// (n / 2) % 2:
+//   copies land (one cp.async group per page, one younger allowed) -> fence
+//   to the async proxy -> arrive on stage full (128); wait stage full (all
+//   copies of the page, for V^T) and V^T empty (both math warpgroups done
+//   with the PV of page n - 2) -> build V^T -> fence -> arrive on V^T full
+//   (128); wait stage empty (the owner read it, 128 arrivals) -> copy page
+//   n + 2 into it. The page's valid-token count goes next to its scales
+//   (thread 0, st.shared before its arrive), for the owner's mask.
 __device__ __forceinline__ void run_producer(const DecodeKernelParams& p, const SchedulePart& part,
                                              uint32_t smem_base, uint8_t* smem, int thread) {
   const int warp = thread >> 5, lane = thread & 31;
   auto stage_base = [&](int stage) { return smem_base + Smem::kStage0 + stage * Smem::kStageBytes; };
-  auto copy = [&](const PageCursor& c, int stage) {
-    const int valid = load_page<kProducerThreads>(p, c.piece, c.page, stage_base(stage), thread, thread == 0);
-    if (thread == 0) *reinterpret_cast<int*>(smem + Smem::kStage0 + stage * Smem::kStageBytes + Smem::kStageValid) = valid;
-  };
-  // v6: the resolved block-table entry of `ahead`, read one V^T build before its copy.
+  // The resolved block-table entry of a page, read ahead of its copy (v6).
   auto copy_resolved = [&](int64_t physical, int valid, int stage) {
     load_resolved_page<kProducerThreads>(p, physical, valid, stage_base(stage), thread);
     if (thread == 0) *reinterpret_cast<int*>(smem + Smem::kStage0 + stage * Smem::kStageBytes + Smem::kStageValid) = valid;
@@ -385,7 +305,9 @@ __device__ __forceinline__ void run_producer(const DecodeKernelParams& p, const 
 #pragma unroll 1
   for (int n = 0; n < kStages; ++n) {
     if (has_page(part, ahead)) {
-      copy(ahead, n);
+      int64_t physical;
+      const int valid = resolve_page(p, ahead.piece, ahead.page, thread == 0, &physical);
+      copy_resolved(physical, valid, n);
       next_page(p, part, ahead);
     }
     cp_async_commit();
@@ -403,7 +325,7 @@ __device__ __forceinline__ void run_producer(const DecodeKernelParams& p, const 
     const bool copy_ahead = has_page(part, ahead);
     int64_t ahead_physical = 0;
     int ahead_valid = 0;
-    if (kProducerV6 && copy_ahead)
+    if (copy_ahead)
       ahead_valid = resolve_page(p, ahead.piece, ahead.page, thread == 0, &ahead_physical);
     if (n >= 2) wgmma::mbarrier_wait(smem_base + Smem::kVtEmpty + 8 * vt_buffer, ((n >> 1) - 1) & 1);
     const uint32_t vt = smem_base + Smem::kVt + vt_buffer * Smem::kVtBytes;
@@ -416,11 +338,7 @@ __device__ __forceinline__ void run_producer(const DecodeKernelParams& p, const 
     wgmma::mbarrier_arrive(smem_base + Smem::kVtFull + 8 * vt_buffer);
     if (copy_ahead) {
       wgmma::mbarrier_wait(smem_base + Smem::kStageEmpty + 8 * stage, (n / kStages) & 1);
-      if constexpr (kProducerV6) {
-        copy_resolved(ahead_physical, ahead_valid, stage);
-      } else {
-        copy(ahead, stage);
-      }
+      copy_resolved(ahead_physical, ahead_valid, stage);
       next_page(p, part, ahead);
     }
     cp_async_commit();
@@ -448,284 +366,216 @@ __global__ void __launch_bounds__(kThreads, 1) mla_decode_fp8_wgmma_kernel(const
   const int local_row[2] = {16 * group_warp + group_row, 16 * group_warp + group_row + 8};
   const SchedulePart part = load_schedule_part(p.tile_scheduler_metadata, blockIdx.y);
 
-  if constexpr (kProducerWarpgroup) {
-    if (tid == 0) {
-      for (int i = 0; i < kStages; ++i) {
-        wgmma::mbarrier_init(smem_base + Smem::kStageFull + 8 * i, kProducerThreads);
-        wgmma::mbarrier_init(smem_base + Smem::kStageEmpty + 8 * i, kMathThreads);
-      }
-      for (int i = 0; i < kVtBuffers; ++i) {
-        wgmma::mbarrier_init(smem_base + Smem::kVtFull + 8 * i, kProducerThreads);
-        wgmma::mbarrier_init(smem_base + Smem::kVtEmpty + 8 * i, kMathThreads);
-      }
+  if (tid == 0) {
+    for (int i = 0; i < 2; ++i) {
+      wgmma::mbarrier_init(smem_base + Smem::kStageFull + 8 * i, kProducerThreads);
+      wgmma::mbarrier_init(smem_base + Smem::kStageEmpty + 8 * i, 128);  // the page's owner
+      wgmma::mbarrier_init(smem_base + Smem::kVtFull + 8 * i, kProducerThreads);
+      wgmma::mbarrier_init(smem_base + Smem::kVtEmpty + 8 * i, kMathThreads);
+      wgmma::mbarrier_init(smem_base + Smem::kPFull + 8 * i, 128);  // the page's owner
+      wgmma::mbarrier_init(smem_base + Smem::kPEmpty + 8 * i, kMathThreads);
     }
-    __syncthreads();  // the last CTA-wide barrier: from here on the roles synchronise apart
-    if (warp_group == kWarpGroups) {
-      wgmma::set_max_registers_decrease<kProducerRegisters>();
-      run_producer(p, part, smem_base, smem, tid - kMathThreads);
-      return;
-    }
-    wgmma::set_max_registers_increase<kMathRegisters>();
   }
+  __syncthreads();  // the last CTA-wide barrier: from here on the roles synchronise apart
+  if (warp_group == kWarpGroups) {
+    wgmma::set_max_registers_decrease<kProducerRegisters>();
+    run_producer(p, part, smem_base, smem, tid - kMathThreads);
+    return;
+  }
+  wgmma::set_max_registers_increase<kMathRegisters>();
   // Barrier of the two math warpgroups (the producer never joins one).
-  auto math_sync = [] {
-    if constexpr (kProducerWarpgroup) {
-      wgmma::named_barrier_sync(1, kMathThreads);
-    } else {
-      __syncthreads();
-    }
-  };
-  int page_count = 0;  // v5: pages computed so far (all pieces), for stage, buffer and phases
+  auto math_sync = [] { wgmma::named_barrier_sync(1, kMathThreads); };
 
   float* q_scale_smem = reinterpret_cast<float*>(smem + Smem::kQScale);
-  const uint32_t q_tiles = smem_base + Smem::kQ;
-  const uint32_t q_rope_tile = smem_base + Smem::kQRope;
-  const uint32_t vt_base = smem_base + Smem::kVt;
-  const uint32_t p_tile = smem_base + Smem::kPTile;
-  float2* max_exchange = reinterpret_cast<float2*>(smem + Smem::kExchange);
-  float* sum_exchange = reinterpret_cast<float*>(smem + Smem::kSumExchange);
   // Loop-invariant descriptor low words.
-  const uint32_t q_desc = wgmma::desc_low_word(q_tiles);
-  const uint32_t q_rope_desc = wgmma::desc_low_word(q_rope_tile);
-  const uint32_t p_desc = wgmma::desc_low_word(p_tile);
-  const uint32_t vt_desc = wgmma::desc_low_word(vt_base + warp_group * kDimsPerWarpGroup * kVtRowBytes);
-  const VtThreadOffsets vt_offsets = vt_thread_offsets(warp, lane);
+  const uint32_t q_desc = wgmma::desc_low_word(smem_base + Smem::kQ);
+  const uint32_t q_rope_desc = wgmma::desc_low_word(smem_base + Smem::kQRope);
+  const uint32_t p_desc = wgmma::desc_low_word(smem_base + Smem::kPTile);
+  const uint32_t vt_desc =
+      wgmma::desc_low_word(smem_base + Smem::kVt + warp_group * kDimsPerWarpGroup * kVtRowBytes);
+  const uint32_t stage_desc = wgmma::desc_low_word(smem_base + Smem::kStage0 + warp_group * Smem::kStageBytes);
+  auto barrier = [&](int kind, int n) { return smem_base + kind + 8 * (n & 1); };
+  auto parity = [](int n) { return static_cast<uint32_t>((n >> 1) & 1); };
+  int page_count = 0;  // pages of the CTA before the current piece
 
   for (int batch = part.begin_batch; batch <= part.end_batch; ++batch) {
     const SequencePiece piece = sequence_piece(p, part, batch);
-    const int page_begin = piece.page_begin, page_end = piece.page_end;
+    const int n_begin = page_count;
+    const int n_end = n_begin + max(piece.page_end - piece.page_begin, 0);
+    page_count = n_end;
 
     // ---- prologue: the query tile, quantized here unless given (as v1) ----
-    math_sync();  // the previous sequence is done with Q (v4: and the stages)
+    math_sync();  // both warpgroups are done with the previous piece's Q
     load_query_fp8<kRows>(
         p, piece, tile_row0, tid, kMathThreads, smem, [](int row, int chunk) { return Smem::kQ + nope_offset(row, chunk); },
         [](int row, int chunk) { return Smem::kQRope + wgmma::sw128_offset(row, chunk); }, q_scale_smem);
-    // One cp.async group per page (possibly empty): the prologue's two, then
-    // one per iteration for the page two ahead. valid_ahead[i]: valid tokens
-    // of page + i (read from the block table once, by its copy).
-    int valid_ahead[2] = {0, 0};
-    if constexpr (!kProducerWarpgroup) {
-      const uint32_t stage0 = smem_base + Smem::kStage0;
-      if (page_begin < page_end) valid_ahead[0] = load_page<kMathThreads>(p, piece, page_begin, stage0, tid, tid == 0);
-      cp_async_commit();
-      if (page_begin + 1 < page_end)
-        valid_ahead[1] = load_page<kMathThreads>(p, piece, page_begin + 1, stage0 + Smem::kStageBytes, tid, tid == 0);
-      cp_async_commit();
-    }
-
-    // ---- per-row state (identical in both warpgroups) ----
+    cp_async_wait<0>();
+    wgmma::fence_proxy_async_shared();
+    math_sync();  // Q and its scales, visible to wgmma
+    const float row_scale[2] = {q_scale_smem[local_row[0]] * p.scale_log2, q_scale_smem[local_row[1]] * p.scale_log2};
     int visible[2];
     visible_tokens_of_rows(p, piece, tile_row0, local_row, visible);
-    float row_max[2] = {kNegInf, kNegInf};  // m, log2 units
-    float p_scale[2] = {1.0f, 1.0f};        // current P scale s_p
-    float row_sum[2] = {0.0f, 0.0f};        // this thread's share of its warpgroup's part of l (units of s_p)
+
+    // ---- per-row state (identical in both warpgroups) ----
+    float mu[2] = {kNegInf, kNegInf};  // O's reference maximum, log2 units
+    float l_part[2] = {0.0f, 0.0f};    // this quad lane's part of l, units of 2^mu
     float acc[128];  // O[row, 256 g + 8 j + 2 (lane % 4) + {0,1}] at 4 j + {0,1} (row) / {2,3} (row + 8)
 #pragma unroll
     for (int i = 0; i < 128; ++i) acc[i] = 0.0f;
-    float s[kSRegs], t[2][kSRegs];
-#pragma unroll
-    for (int i = 0; i < kSRegs; ++i) s[i] = t[0][i] = t[1][i] = 0.0f;
 
-    // Issues page `page`'s QK from stage `stage` (visible to wgmma): RoPE into
-    // S, NoPE chunks 0 and 1 into T[0], T[1] (three commit groups in all:
-    // RoPE + chunk 0, chunk 1; chunks 2 and 3 are issued as T frees up).
-    auto issue_qk = [&](int stage) {
-      // Warp-uniform; the shuffle lets the compiler keep it in a uniform register.
-      const uint32_t k_desc = __shfl_sync(
-          0xffffffffu,
-          wgmma::desc_low_word(smem_base + Smem::kStage0 + stage * Smem::kStageBytes +
-                               warp_group * kTokensPerWarpGroup * kTileRowBytes),
-          0);
+    // ---- owner: scores, softmax and P^ of page n (piece page `page`) ----
+    auto score_page = [&](int n, int page) {
+      const uint32_t stage_base = smem_base + Smem::kStage0 + (n & 1) * Smem::kStageBytes;
+      wgmma::mbarrier_wait(barrier(Smem::kStageFull, n), parity(n));
+      float s[kSRegs], t[kSRegs];
+#pragma unroll
+      for (int i = 0; i < kSRegs; ++i) s[i] = t[i] = 0.0f;
       wgmma::fence_registers(s);
-      wgmma::fence_registers(t[0]);
-      wgmma::fence_registers(t[1]);
+      wgmma::fence_registers(t);
       wgmma::fence();
 #pragma unroll
       for (int k = 0; k < kRopeDim * 2 / 32; ++k)
-        wgmma::mma_64x32x16_bf16_ss(s, wgmma::desc_at(q_rope_desc, 32 * k, wgmma::Swizzle::k128B),
-                                    wgmma::desc_at(k_desc, Smem::kStageRope + 32 * k, wgmma::Swizzle::k128B), k > 0);
-      issue_qk_chunk(t[0], q_desc, k_desc, 0);
+        wgmma::mma_64x64x16_bf16_ss(s, wgmma::desc_at(q_rope_desc, 32 * k, wgmma::Swizzle::k128B),
+                                    wgmma::desc_at(stage_desc, Smem::kStageRope + 32 * k, wgmma::Swizzle::k128B),
+                                    k > 0);
+      issue_qk_chunk(t, q_desc, stage_desc, 0);
       wgmma::commit();
-      issue_qk_chunk(t[1], q_desc, k_desc, 1);
-      wgmma::commit();
-    };
-
-    // v4: the first page's wait below also covers Q (its copies are in that group).
-    if constexpr (kProducerWarpgroup) {
-      cp_async_wait<0>();
-      wgmma::fence_proxy_async_shared();
-    }
-    math_sync();  // the query scales (v5: and Q, visible to wgmma)
-    const float row_scale[2] = {q_scale_smem[local_row[0]] * p.scale_log2, q_scale_smem[local_row[1]] * p.scale_log2};
-
-    for (int page = page_begin; page < page_end; ++page, ++page_count) {
-      const int stage = kProducerWarpgroup ? page_count % kStages : (page - page_begin) % kStages;
-      int valid_tokens;
-      if constexpr (kProducerWarpgroup) {
-        wgmma::mbarrier_wait(smem_base + Smem::kStageFull + 8 * stage, (page_count / kStages) & 1);
-        valid_tokens = *reinterpret_cast<const int*>(smem + Smem::kStage0 + stage * Smem::kStageBytes +
-                                                      Smem::kStageValid);
-      } else {
-        cp_async_wait<1>();  // all but the newest group (the next page's) have landed
-        wgmma::fence_proxy_async_shared();
-        // This page (and Q) landed and is visible to wgmma; both warpgroups are
-        // done with the previous page's V^T and P^ (each waited for its PV) and
-        // with the stage the copy below refills.
-        __syncthreads();
-        valid_tokens = valid_ahead[0];
-        valid_ahead[0] = valid_ahead[1];
-        valid_ahead[1] = page + 2 < page_end ? load_page<kMathThreads>(p, piece, page + 2,
-                                                                       smem_base + Smem::kStage0 +
-                                                                           (stage + 2) % kStages * Smem::kStageBytes,
-                                                                       tid, tid == 0)
-                                             : 0;
-        cp_async_commit();
-      }
-
-      const uint32_t stage_base = smem_base + Smem::kStage0 + stage * Smem::kStageBytes;
-      const float* k_scale_smem =
-          reinterpret_cast<const float*>(smem + Smem::kStage0 + stage * Smem::kStageBytes + Smem::kStageScale);
-      // Issued after the copy so that the block-table load's latency hides under it.
-      issue_qk(stage);
-      // NoPE chunk c goes into T[c % 2]; two chunks are in flight.
-      const uint32_t k_desc = __shfl_sync(
-          0xffffffffu, wgmma::desc_low_word(stage_base + warp_group * kTokensPerWarpGroup * kTileRowBytes), 0);
 #pragma unroll
       for (int chunk = 0; chunk < kNopeTiles; ++chunk) {
-        if constexpr (!kProducerWarpgroup)
-          build_vt_steps(stage_base, vt_base, vt_offsets, chunk * kVtStepsPerChunk, (chunk + 1) * kVtStepsPerChunk);
-        // Groups in flight: this chunk's (with the RoPE steps for chunk 0) and the next one's.
-        if (chunk + 1 < kNopeTiles) {
-          wgmma::wait<1>();
-        } else {
-          wgmma::wait<0>();
-        }
-        float(&done)[kSRegs] = t[chunk & 1];
+        wgmma::wait<0>();
         wgmma::fence_registers(s);
-        wgmma::fence_registers(done);
+        wgmma::fence_registers(t);
 #pragma unroll
-        for (int i = 0; i < kSRegs; ++i) s[i] += done[i];
-        if (chunk + 2 < kNopeTiles) {
-          wgmma::fence_registers(done);
+        for (int i = 0; i < kSRegs; ++i) s[i] += t[i];
+        if (chunk + 1 < kNopeTiles) {
+          wgmma::fence_registers(t);
           wgmma::fence();
-          issue_qk_chunk(done, q_desc, k_desc, chunk + 2);
+          issue_qk_chunk(t, q_desc, stage_desc, chunk + 1);
           wgmma::commit();
         }
       }
-
-      // ---- online softmax, one exchange (see the top of the file) ----
-      // s[4 j + c]: row local_row[c / 2], page token token0 + 8 j + (c & 1).
-      const int token0 = warp_group * kTokensPerWarpGroup + 2 * quad_lane;
-      float2 k_scale[4];
+      // s[4 j + c]: row local_row[c / 2], page token 8 j + 2 (lane % 4) + (c & 1).
+      const int token0 = 2 * quad_lane;
+      const float* k_scale_smem = reinterpret_cast<const float*>(smem + (stage_base - smem_base) + Smem::kStageScale);
+      float2 k_scale[8];
 #pragma unroll
-      for (int j = 0; j < 4; ++j) k_scale[j] = *reinterpret_cast<const float2*>(k_scale_smem + token0 + 8 * j);
-      // v5: QK is complete and the scales and valid count are read: the stage may be refilled.
-      if constexpr (kProducerWarpgroup) wgmma::mbarrier_arrive(smem_base + Smem::kStageEmpty + 8 * stage);
-      const int page_token0 = page * kPageSize;
+      for (int j = 0; j < 8; ++j) k_scale[j] = *reinterpret_cast<const float2*>(k_scale_smem + token0 + 8 * j);
+      const int valid_tokens = *reinterpret_cast<const int*>(smem + (stage_base - smem_base) + Smem::kStageValid);
+      // QK is complete and the scales and valid count are read: the stage may be refilled.
+      wgmma::mbarrier_arrive(barrier(Smem::kStageEmpty, n));
+
       int keep_below[2];  // tokens of the page this row sees
 #pragma unroll
-      for (int half = 0; half < 2; ++half) keep_below[half] = min(valid_tokens, visible[half] - page_token0);
+      for (int half = 0; half < 2; ++half) keep_below[half] = min(valid_tokens, visible[half] - page * kPageSize);
 #pragma unroll
-      for (int j = 0; j < 4; ++j)
+      for (int j = 0; j < 8; ++j)
 #pragma unroll
-        for (int c = 0; c < 4; ++c) {
-          const float score = s[4 * j + c] * row_scale[c >> 1];
-          s[4 * j + c] = score * ((c & 1) ? k_scale[j].y : k_scale[j].x);
-        }
+        for (int c = 0; c < 4; ++c)
+          s[4 * j + c] = s[4 * j + c] * row_scale[c >> 1] * ((c & 1) ? k_scale[j].y : k_scale[j].x);
       // Only the last page of a sequence (or a causal one) masks anything.
       if (min(keep_below[0], keep_below[1]) < kPageSize) {
 #pragma unroll
-        for (int j = 0; j < 4; ++j)
+        for (int j = 0; j < 8; ++j)
 #pragma unroll
           for (int c = 0; c < 4; ++c)
             if (token0 + 8 * j + (c & 1) >= keep_below[c >> 1]) s[4 * j + c] = kNegInf;
       }
-      float group_max[2] = {kNegInf, kNegInf};  // m_g
+      float page_max[2] = {kNegInf, kNegInf};
 #pragma unroll
-      for (int i = 0; i < kSRegs; ++i) group_max[(i >> 1) & 1] = fmaxf(group_max[(i >> 1) & 1], s[i]);
+      for (int i = 0; i < kSRegs; ++i) page_max[(i >> 1) & 1] = fmaxf(page_max[(i >> 1) & 1], s[i]);
 #pragma unroll
-      for (int half = 0; half < 2; ++half) group_max[half] = quad_max(group_max[half]);
-      // e' = 2^(x - m_g) and f' = e' k_scale in place (nothing seen in this
-      // half: every x is -inf and e' = 0, without -inf - -inf).
-      float e_sum[2] = {0.0f, 0.0f}, group_f_max[2] = {0.0f, 0.0f};
+      for (int half = 0; half < 2; ++half) page_max[half] = quad_max(page_max[half]);
+      // e = 2^(x - m_n), f = e k_scale in place (a row that sees nothing of
+      // the page: every x is -inf and e = 0, without -inf - -inf).
+      float e_sum[2] = {0.0f, 0.0f}, f_max[2] = {0.0f, 0.0f};
 #pragma unroll
-      for (int j = 0; j < 4; ++j)
+      for (int j = 0; j < 8; ++j)
 #pragma unroll
         for (int c = 0; c < 4; ++c) {
           const int half = c >> 1;
-          const float base = group_max[half] == kNegInf ? 0.0f : group_max[half];
+          const float base = page_max[half] == kNegInf ? 0.0f : page_max[half];
           const float e = exp2_ftz(s[4 * j + c] - base);
           e_sum[half] += e;
           s[4 * j + c] = e * ((c & 1) ? k_scale[j].y : k_scale[j].x);
-          group_f_max[half] = fmaxf(group_f_max[half], s[4 * j + c]);
+          f_max[half] = fmaxf(f_max[half], s[4 * j + c]);
         }
+      float inv_scale[2];
 #pragma unroll
       for (int half = 0; half < 2; ++half) {
-        group_f_max[half] = quad_max(group_f_max[half]);
-        if (quad_lane == 0)
-          max_exchange[warp_group * kRows + local_row[half]] = make_float2(group_max[half], group_f_max[half]);
+        f_max[half] = quad_max(f_max[half]);
+        const bool any = f_max[half] > 0.0f;
+        inv_scale[half] = any ? kE4M3Max / f_max[half] : 1.0f;
+        f_max[half] = any ? f_max[half] / kE4M3Max : 1.0f;  // now s_n
       }
-      math_sync();
-      float own_factor[2], beta[2];  // c_g / s_p for this warpgroup's f'; O's rescale
+      // The buffer's previous page (n - 2) is done in both warpgroups' PV.
+      if (n >= 2) wgmma::mbarrier_wait(barrier(Smem::kPEmpty, n), parity(n) ^ 1u);
+      const uint32_t p_tile = smem_base + Smem::kPTile + (n & 1) * Smem::kPTileBytes;
+      // Token group jj of row r holds, at bytes 4 q .. 4 q + 3, tokens {2q,
+      // 2q+1, 8+2q, 9+2q} of the group (V^T's order): exactly thread q's
+      // columns j = 2 jj and 2 jj + 1.
 #pragma unroll
-      for (int half = 0; half < 2; ++half) {
-        const float2 other = max_exchange[(warp_group ^ 1) * kRows + local_row[half]];
-        // Both warpgroups evaluate the same expressions on the same values, so
-        // m, s_p and beta agree bit for bit (max is exact and commutative).
-        const float new_max = fmaxf(row_max[half], fmaxf(group_max[half], other.x));
-        const float own_c = group_max[half] == kNegInf ? 0.0f : exp2f(group_max[half] - new_max);
-        const float other_c = other.x == kNegInf ? 0.0f : exp2f(other.x - new_max);
-        const float page_f_max = fmaxf(group_f_max[half] * own_c, other.y * other_c);
-        const bool any = page_f_max > 0.0f;
-        const float new_scale = any ? page_f_max / kE4M3Max : 1.0f;
-        const float inv_scale = any ? kE4M3Max / page_f_max : 1.0f;
-        beta[half] =
-            row_max[half] == kNegInf ? 0.0f : exp2f(row_max[half] - new_max) * (p_scale[half] * inv_scale);
-        own_factor[half] = own_c * inv_scale;
-        row_sum[half] = fmaf(row_sum[half], beta[half], e_sum[half] * own_factor[half]);
-        p_scale[half] = new_scale;
-        row_max[half] = new_max;
-      }
-      // P^ into the shared tile: token group 2 g + jj of row r holds, at bytes
-      // 4 q .. 4 q + 3, tokens {2q, 2q+1, 8+2q, 9+2q} of the group (V^T's
-      // order): exactly thread q's columns j = 2 jj and 2 jj + 1.
-#pragma unroll
-      for (int jj = 0; jj < 2; ++jj)
+      for (int jj = 0; jj < 4; ++jj)
 #pragma unroll
         for (int half = 0; half < 2; ++half) {
           const int j0 = 2 * jj, c0 = 2 * half;
-          const float factor = own_factor[half];
+          const float factor = inv_scale[half];
           const uint32_t lo = token_quant::e4m3x2_bits(s[4 * j0 + c0] * factor, s[4 * j0 + c0 + 1] * factor);
           const uint32_t hi =
               token_quant::e4m3x2_bits(s[4 * (j0 + 1) + c0] * factor, s[4 * (j0 + 1) + c0 + 1] * factor);
-          st_shared_u32(p_tile + wgmma::sw64_offset(local_row[half], 2 * warp_group + jj) + 4 * quad_lane,
-                        lo | (hi << 16));
+          st_shared_u32(p_tile + wgmma::sw64_offset(local_row[half], jj) + 4 * quad_lane, lo | (hi << 16));
         }
-
+      uint8_t* stats = smem + Smem::kPageStats + (n & 1) * Smem::kPageStatsBytes;
+#pragma unroll
+      for (int half = 0; half < 2; ++half) {
+        if (quad_lane == 0)
+          reinterpret_cast<float2*>(stats)[local_row[half]] = make_float2(page_max[half], f_max[half]);
+        reinterpret_cast<float*>(stats + Smem::kRowStatsBytes)[4 * local_row[half] + quad_lane] = e_sum[half];
+      }
       wgmma::fence_proxy_async_shared();
-      math_sync();  // both halves of P^ (v4: and V^T) complete and visible to wgmma
-      const int vt_buffer = kProducerWarpgroup ? page_count & 1 : 0;
-      if constexpr (kProducerWarpgroup)
-        wgmma::mbarrier_wait(smem_base + Smem::kVtFull + 8 * vt_buffer, (page_count >> 1) & 1);
+      wgmma::mbarrier_arrive(barrier(Smem::kPFull, n));
+    };
 
-      // ---- O = O * beta + P^ V^ for this warpgroup's 256 dims ----
-      // The page's product is formed in a fresh fragment and added in fp32
-      // (as v1): the fp8 MMA's accumulator keeps ~13 mantissa bits (DeepSeek-V3
-      // report; SageAttention2's "FP22"), and accumulating every page into O
-      // through it would truncate O once per page. The 256 dims go as kPvSteps
-      // fragments of kPvN (two in flight when kPvQuarterPipeline).
+    // ---- every math warpgroup: O += P^_n V^_n for its 256 dims ----
+    // Each page's product is formed in a fresh fragment and added in fp32 (as
+    // v1): the fp8 MMA's accumulator keeps ~13 mantissa bits (DeepSeek-V3
+    // report; SageAttention2's "FP22"), and accumulating every page into O
+    // through it would truncate O once per page. Four n64 fragments, two in
+    // flight: the fp32 add of one runs while the next is on the tensor cores.
+    auto accumulate_page = [&](int n) {
+      wgmma::mbarrier_wait(barrier(Smem::kPFull, n), parity(n));
+      const uint8_t* stats = smem + Smem::kPageStats + (n & 1) * Smem::kPageStatsBytes;
+      float factor[2];
+      bool rescale = false;
+      float rescale_by[2] = {1.0f, 1.0f};
+#pragma unroll
+      for (int half = 0; half < 2; ++half) {
+        const float2 page = reinterpret_cast<const float2*>(stats)[local_row[half]];
+        const float e_sum = reinterpret_cast<const float*>(stats + Smem::kRowStatsBytes)[4 * local_row[half] + quad_lane];
+        if (page.x > mu[half] + kLazyRescaleLog2) {  // false for m_n = -inf
+          rescale_by[half] = mu[half] == kNegInf ? 0.0f : exp2f(mu[half] - page.x);
+          mu[half] = page.x;
+          rescale = true;
+        }
+        const float weight = page.x == kNegInf ? 0.0f : exp2f(page.x - mu[half]);
+        l_part[half] = fmaf(l_part[half], rescale_by[half], e_sum * weight);
+        factor[half] = page.y * weight;
+      }
+      if (__any_sync(0xffffffffu, rescale)) {
+#pragma unroll
+        for (int i = 0; i < 128; ++i) acc[i] *= rescale_by[(i >> 1) & 1];
+      }
+      wgmma::mbarrier_wait(barrier(Smem::kVtFull, n), parity(n));
+      const uint32_t p_page = p_desc + (((n & 1) * Smem::kPTileBytes) >> 4);
+      const uint32_t vt_page = vt_desc + (((n & 1) * Smem::kVtBytes) >> 4);
       float product[2][kPvRegs];
       auto issue_pv = [&](int step, float (&d)[kPvRegs]) {
         wgmma::fence_registers(d);
         wgmma::fence();
 #pragma unroll
-        for (int kk = 0; kk < 2; ++kk) {
-          const uint64_t p_operand = wgmma::desc_at(p_desc, 32 * kk, wgmma::Swizzle::k64B);
-          const uint64_t v_operand =
-              wgmma::desc_at(vt_desc, vt_buffer * Smem::kVtBytes + step * kPvN * kVtRowBytes + 32 * kk,
-                             wgmma::Swizzle::k64B);
-          mma_pv(d, p_operand, v_operand, kk > 0);
-        }
+        for (int kk = 0; kk < 2; ++kk)
+          wgmma::mma_64x64x32_e4m3_ss(
+              d, wgmma::desc_at(p_page, 32 * kk, wgmma::Swizzle::k64B),
+              wgmma::desc_at(vt_page, step * kPvN * kVtRowBytes + 32 * kk, wgmma::Swizzle::k64B), kk > 0);
         wgmma::commit();
       };
       // product[4 j + c] of step n is dim kPvN n + 8 j + 2 (lane % 4) + (c & 1)
@@ -735,54 +585,51 @@ __global__ void __launch_bounds__(kThreads, 1) mla_decode_fp8_wgmma_kernel(const
 #pragma unroll
         for (int i = 0; i < kPvRegs; ++i) {
           float& o = acc[kPvRegs * step + i];
-          o = fmaf(o, beta[(i >> 1) & 1], d[i]);
+          o = fmaf(d[i], factor[(i >> 1) & 1], o);
         }
       };
-      if constexpr (kPvQuarterPipeline) {
-        issue_pv(0, product[0]);
-        issue_pv(1, product[1]);
+      issue_pv(0, product[0]);
+      issue_pv(1, product[1]);
 #pragma unroll
-        for (int step = 0; step < kPvSteps; ++step) {
-          if (step + 1 < kPvSteps) {
-            wgmma::wait<1>();
-          } else {
-            wgmma::wait<0>();
-          }
-          add_pv(step, product[step & 1]);
-          if (step + 2 < kPvSteps) issue_pv(step + 2, product[step & 1]);
-        }
-      } else {
-#pragma unroll
-        for (int step = 0; step < kPvSteps; ++step) {
-          issue_pv(step, product[0]);
+      for (int step = 0; step < kPvSteps; ++step) {
+        if (step + 1 < kPvSteps) {
+          wgmma::wait<1>();
+        } else {
           wgmma::wait<0>();
-          add_pv(step, product[0]);
         }
+        add_pv(step, product[step & 1]);
+        if (step + 2 < kPvSteps) issue_pv(step + 2, product[step & 1]);
       }
-      // v5: this warpgroup's PV has read V^T (and P^; the next exchange barrier guards P^).
-      if constexpr (kProducerWarpgroup) wgmma::mbarrier_arrive(smem_base + Smem::kVtEmpty + 8 * vt_buffer);
+      // This warpgroup's PV has read V^T and P^ (and the stats, above).
+      wgmma::mbarrier_arrive(barrier(Smem::kPEmpty, n));
+      wgmma::mbarrier_arrive(barrier(Smem::kVtEmpty, n));
+    };
+
+    // The seesaw: own pages' scores, each followed by the PV of every page up
+    // to it in order. The warpgroup that does not own the piece's first page
+    // starts after that page's P^ is out, so that the two warpgroups' softmax
+    // phases fall on each other's tensor-core phases.
+    int next_pv = n_begin;
+    const int first_own = n_begin + ((n_begin & 1) != warp_group ? 1 : 0);
+    if (first_own != n_begin && first_own < n_end)
+      wgmma::mbarrier_wait(barrier(Smem::kPFull, n_begin), parity(n_begin));
+#pragma unroll 1
+    for (int n = first_own; n < n_end; n += 2) {
+      score_page(n, piece.page_begin + (n - n_begin));
+#pragma unroll 1
+      for (; next_pv <= n; ++next_pv) accumulate_page(next_pv);
     }
-    cp_async_wait<0>();  // nothing may land in a stage after the next sequence reuses it
+#pragma unroll 1
+    for (; next_pv < n_end; ++next_pv) accumulate_page(next_pv);
 
     // ---- epilogue: out / lse or the split's partials (as v1) ----
     const PieceOutput output = piece_output(p, part, batch);
-    float row_l[2];
-    // l = the two warpgroups' parts, added in the same order in both.
-#pragma unroll
-    for (int half = 0; half < 2; ++half) {
-      row_l[half] = quad_sum(row_sum[half]);
-      if (quad_lane == 0) sum_exchange[warp_group * kRows + local_row[half]] = row_l[half];
-    }
-    math_sync();
-#pragma unroll
-    for (int half = 0; half < 2; ++half)
-      row_l[half] = sum_exchange[local_row[half]] + sum_exchange[kRows + local_row[half]];
 #pragma unroll
     for (int half = 0; half < 2; ++half) {
       const int c0 = 2 * half;
       store_output_row<kDimsPerWarpGroup / 8>(
-          p, output, batch, tile_row0 + local_row[half], warp_group * kDimsPerWarpGroup + 2 * quad_lane,
-          row_max[half], row_l[half], p_scale[half], warp_group == 0 && quad_lane == 0,
+          p, output, batch, tile_row0 + local_row[half], warp_group * kDimsPerWarpGroup + 2 * quad_lane, mu[half],
+          quad_sum(l_part[half]), 1.0f, warp_group == 0 && quad_lane == 0,
           [&](int j) { return make_float2(acc[4 * j + c0], acc[4 * j + c0 + 1]); });
     }
   }

@@ -148,6 +148,14 @@ __device__ __forceinline__ void ss(float (&d)[N], uint64_t desc_a, uint64_t desc
                                    std::index_sequence<I...>) {
   Atom::fma(desc_a, desc_b, d[I]..., scale_d);
 }
+template <class Atom, int N, size_t... I>
+__device__ __forceinline__ void rs(float (&d)[N], const uint32_t (&a)[4], uint64_t desc_b, gmma::ScaleOut scale_d,
+                                   std::index_sequence<I...>) {
+  Atom::fma(a[0], a[1], a[2], a[3], desc_b, d[I]..., scale_d);
+}
+__device__ __forceinline__ gmma::ScaleOut scale_out(bool accumulate) {
+  return accumulate ? gmma::ScaleOut::One : gmma::ScaleOut::Zero;
+}
 }  // namespace detail
 
 // D[64 x 64] (+)= A[64 x 32 e4m3] . B[64 x 32 e4m3]^T, both K-major in shared memory.
@@ -172,6 +180,86 @@ __device__ __forceinline__ void mma_64x128x32_e4m3_ss(float (&d)[64], uint64_t d
                                                       bool accumulate) {
   detail::ss<cute::SM90::GMMA::MMA_64x128x32_F32E4M3E4M3_SS_TN<>>(
       d, desc_a, desc_b, accumulate ? gmma::ScaleOut::One : gmma::ScaleOut::Zero, std::make_index_sequence<64>{});
+}
+
+// D[64 x 64] (+)= A[64 x 16 bf16] . B[64 x 16 bf16]^T, both K-major in shared memory.
+__device__ __forceinline__ void mma_64x64x16_bf16_ss(float (&d)[32], uint64_t desc_a, uint64_t desc_b,
+                                                     bool accumulate) {
+  detail::ss<cute::SM90::GMMA::MMA_64x64x16_F32BF16BF16_SS<gmma::Major::K, gmma::Major::K>>(
+      d, desc_a, desc_b, detail::scale_out(accumulate), std::make_index_sequence<32>{});
+}
+// D[64 x 64] (+)= A[64 x 32 e4m3] . B[64 x 32 e4m3]^T, A from registers: thread (warp w, lane l)
+// holds rows 16 w + l / 4 (a[0], a[2]) and 16 w + l / 4 + 8 (a[1], a[3]), k bytes 4 (l % 4) + [0, 4)
+// (a[0], a[1]) and 16 + 4 (l % 4) + [0, 4) (a[2], a[3]); B K-major in shared memory.
+__device__ __forceinline__ void mma_64x64x32_e4m3_rs(float (&d)[32], const uint32_t (&a)[4], uint64_t desc_b,
+                                                     bool accumulate) {
+  detail::rs<cute::SM90::GMMA::MMA_64x64x32_F32E4M3E4M3_RS_TN<>>(d, a, desc_b, detail::scale_out(accumulate),
+                                                                 std::make_index_sequence<32>{});
+}
+
+
+// ---- additions for the bf16 decode kernel (decode_bf16_wgmma_kernel.cuh) ----
+
+// A full descriptor from its fields (PTX ISA "Matrix Descriptor Format"):
+// start address >> 4 in bits 0-13, leading byte offset >> 4 in 16-29, stride
+// byte offset >> 4 in 32-45, base offset 0 (1024-byte aligned swizzle atoms),
+// swizzle mode in 62-63.
+__host__ __device__ constexpr uint64_t make_desc(uint32_t start, uint32_t leading_bytes, uint32_t stride_bytes,
+                                                 Swizzle swizzle) {
+  return static_cast<uint64_t>((start >> 4) & 0x3fff) | (static_cast<uint64_t>((leading_bytes >> 4) & 0x3fff) << 16) |
+         (static_cast<uint64_t>((stride_bytes >> 4) & 0x3fff) << 32) | (static_cast<uint64_t>(swizzle) << 62);
+}
+// The descriptor of the same layout starting `bytes` later (a k step, or the
+// next tile): only the start field changes, and since every shared address is
+// below 2^18 the add never carries out of bits 0-13.
+__device__ __forceinline__ uint64_t desc_advance(uint64_t desc, uint32_t bytes) { return desc + (bytes >> 4); }
+
+// MN-major SW128 operand (a B whose N index runs along the contiguous bytes,
+// e.g. V = the rows of a K-major [tokens x dims] bf16 tile read as
+// [dims x tokens]). CuTe's canonical form (make_gmma_desc<Major::MN>, in
+// 16-byte units): ((8, n), (8, k)) : ((1, LBO), (8, SBO)), i.e. an atom is 8
+// K-rows of 128 B (64 bf16 of N), 1024 B, swizzled like the K-major SW128 atom
+// (16-byte chunk c of K-row r at chunk c ^ (r % 8)); LBO is the byte distance
+// between atoms along N (the next 64 dims), SBO the one between atoms along K
+// (the next 8 K-rows). One k16 step of bf16 = 2 atoms along K.
+__host__ __device__ constexpr uint64_t mn_major_sw128_desc(uint32_t start, uint32_t n_atom_stride_bytes,
+                                                           uint32_t k_atom_stride_bytes) {
+  return make_desc(start, n_atom_stride_bytes, k_atom_stride_bytes, Swizzle::k128B);
+}
+// K-major SW128 operand with 8-row atoms kSw128AtomBytes apart (LBO unused: 1).
+__host__ __device__ constexpr uint64_t k_major_sw128_desc(uint32_t start) {
+  return make_desc(start, 16, kSw128AtomBytes, Swizzle::k128B);
+}
+
+// Arrives on barrier `id` without waiting (a producer side of a named-barrier
+// handoff; the consumer side calls named_barrier_sync with the same count).
+__device__ __forceinline__ void named_barrier_arrive(int id, int threads) {
+  asm volatile("bar.arrive %0, %1;\n" ::"r"(id), "r"(threads) : "memory");
+}
+// One arrival on `bar` once all of this thread's earlier cp.async copies have
+// landed; .noinc: it counts against the barrier's initial count (so a barrier
+// waited on by copies of N threads is initialised with N, plus other arrivals).
+__device__ __forceinline__ void mbarrier_arrive_on_cp_async(uint32_t bar) {
+  asm volatile("cp.async.mbarrier.arrive.noinc.shared::cta.b64 [%0];\n" ::"r"(bar) : "memory");
+}
+
+// D[64 x 256] += A[64 x 16 bf16] . B[16 x 256 bf16] with B MN-major in shared
+// memory (mn_major_sw128_desc; imm-trans-b = 1). RS: A from registers in the
+// m64nNk16 A fragment: thread (warp w, lane l) holds row 16 w + l / 4 in a[0]
+// (k 2 (l % 4) + {0, 1}) and a[2] (k 8 + 2 (l % 4) + {0, 1}), and row
+// 16 w + l / 4 + 8 in a[1], a[3] (same k), low half = lower k. That is the
+// m64nN f32 accumulator fragment's element order: accumulator registers
+// 8 s + [0, 8) (columns 16 s + ...) packed in pairs are the A fragment of k step s.
+__device__ __forceinline__ void mma_64x256x16_bf16_rs_mn(float (&d)[128], const uint32_t (&a)[4], uint64_t desc_b,
+                                                         bool accumulate) {
+  detail::rs<cute::SM90::GMMA::MMA_64x256x16_F32BF16BF16_RS<gmma::Major::K, gmma::Major::MN>>(
+      d, a, desc_b, detail::scale_out(accumulate), std::make_index_sequence<128>{});
+}
+// The same with A K-major in shared memory (SS).
+__device__ __forceinline__ void mma_64x256x16_bf16_ss_mn(float (&d)[128], uint64_t desc_a, uint64_t desc_b,
+                                                         bool accumulate) {
+  detail::ss<cute::SM90::GMMA::MMA_64x256x16_F32BF16BF16_SS<gmma::Major::K, gmma::Major::MN>>(
+      d, desc_a, desc_b, detail::scale_out(accumulate), std::make_index_sequence<128>{});
 }
 
 }  // namespace snapmla::cuda::sm90::wgmma
