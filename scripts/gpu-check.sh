@@ -2,7 +2,7 @@
 # One command for the GPU machine (the `device` tool): build with all cores,
 # run the GPU tests, the demo, the Python suite and the benchmarks, keep logs
 # under $OUT (at most 8 files come back) and print a short table last.
-#   scripts/gpu-check.sh [all|tests|python|bench]     (default all)
+#   scripts/gpu-check.sh [all|tests|python|bench|profile]     (default all)
 # Optional: GTEST_FILTER (a gtest filter for the GPU tests), BENCH_ARGS (extra
 # `snapmla bench` options, e.g. "--format fp8").
 # The machine has no package registry: .deps/gtest and .deps/cutlass must be
@@ -19,9 +19,12 @@ note() { echo "$*" | tee -a "$summary"; }
 
 note "$(nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.sm,clocks.max.sm --format=csv,noheader)"
 jobs=$(nproc)
+# bench and profile need only the CLI.
+targets=""
+case "$mode" in bench|profile) targets="--target snapmla" ;; esac
 t0=$(date +%s)
 if ! { cmake -S . -B build-gpu -G Ninja -DCMAKE_BUILD_TYPE=Release >"$OUT/build.log" 2>&1 &&
-       cmake --build build-gpu -j"$jobs" >>"$OUT/build.log" 2>&1; }; then
+       cmake --build build-gpu -j"$jobs" $targets >>"$OUT/build.log" 2>&1; }; then
   grep -E "error|Error" -A3 "$OUT/build.log" | head -n 60
   echo "BUILD FAILED"
   exit 1
@@ -64,9 +67,42 @@ if [ "$mode" = all ] || [ "$mode" = bench ]; then
   note "kv-bench: exit $?"
 fi
 
+if [ "$mode" = profile ]; then
+  # Nsight Compute on one bench config (PROFILE_CONFIG, default b64_sq1_h128_sk4096) and the
+  # fp8 decode kernel: the details page and the SASS lines with the most stall samples.
+  cfg="${PROFILE_CONFIG:-b64_sq1_h128_sk4096}"
+  timeout 400 ncu --kernel-name regex:"${PROFILE_KERNEL:-mla_decode_fp8_wgmma}" --launch-skip 3 --launch-count 1 \
+    --set full --import-source no -f -o "$OUT/profile" build-gpu/snapmla bench --format "${PROFILE_FORMAT:-fp8}" \
+    --only "$cfg" --groups 1 --calls 5 >"$OUT/ncu.log" 2>&1
+  note "ncu: exit $? ($cfg)"
+  ncu --import "$OUT/profile.ncu-rep" --page details >"$OUT/ncu-details.txt" 2>&1
+  ncu --import "$OUT/profile.ncu-rep" --page source --csv --print-source sass >/tmp/ncu-sass.csv 2>&1
+  python3 - /tmp/ncu-sass.csv >"$OUT/ncu-top-sass.txt" <<'PY'
+import csv, sys
+rows = list(csv.reader(open(sys.argv[1], errors="replace")))
+head = next(i for i, r in enumerate(rows) if any("Source" == c for c in r))
+cols = rows[head]
+src = cols.index("Source")
+addr = cols.index("Address") if "Address" in cols else 0
+stall = [i for i, c in enumerate(cols) if c.startswith("Warp Stall Sampling (All")][0]
+reasons = [i for i, c in enumerate(cols) if c.startswith("stall_") or c.startswith("Stall")]
+data = []
+for r in rows[head + 1:]:
+    try:
+        data.append((float(r[stall] or 0), r))
+    except (ValueError, IndexError):
+        pass
+total = sum(d[0] for d in data) or 1
+print("total stall samples", total, "columns:", [cols[i] for i in reasons][:30])
+for v, r in sorted(data, key=lambda d: -d[0])[:70]:
+    print(f"{100 * v / total:5.1f}% {r[addr]:>8} {r[src][:90]}")
+PY
+fi
+
 echo
 echo "=== summary ==="
 cat "$summary"
 [ -s "$OUT/cases.txt" ] && { echo "--- accuracy cases ---"; cut -c1-230 "$OUT/cases.txt" | head -70; }
 [ -f "$OUT/bench.log" ] && { echo "--- bench ---"; tail -n 36 "$OUT/bench.log"; }
+[ -f "$OUT/ncu-top-sass.txt" ] && { echo "--- top stalled SASS ---"; head -n 45 "$OUT/ncu-top-sass.txt"; }
 exit 0

@@ -59,32 +59,32 @@ namespace sm90 {
 int decode_row_groups(int rows) { return rows <= 16 ? 1 : rows <= 32 ? 2 : 4; }
 
 namespace {
-// -1: none; otherwise a Fp8DecodeKernel.
-std::atomic<int> g_fp8_kernel_override{-1};
+// -1: none; otherwise a DecodeKernelChoice.
+std::atomic<int> g_kernel_override{-1};
 
-Fp8DecodeKernel fp8_decode_kernel_from_environment() {
+DecodeKernelChoice decode_kernel_from_environment() {
   const char* value = std::getenv("SNAPMLA_DECODE_KERNEL");
-  if (value == nullptr || *value == '\0') return kDefaultFp8DecodeKernel;
+  if (value == nullptr || *value == '\0') return kDefaultDecodeKernel;
   const std::string name(value);
-  if (name == "mma") return Fp8DecodeKernel::kMma;
-  if (name == "wgmma") return Fp8DecodeKernel::kWgmma;
+  if (name == "mma") return DecodeKernelChoice::kMma;
+  if (name == "wgmma") return DecodeKernelChoice::kWgmma;
   throw Error("SNAPMLA_DECODE_KERNEL", "is '" + name + "'; expected 'mma' or 'wgmma'");
 }
 }  // namespace
 
-Fp8DecodeKernel fp8_decode_kernel() {
-  const int forced = g_fp8_kernel_override.load(std::memory_order_relaxed);
-  if (forced >= 0) return static_cast<Fp8DecodeKernel>(forced);
-  static const Fp8DecodeKernel from_environment = fp8_decode_kernel_from_environment();
+DecodeKernelChoice decode_kernel_choice() {
+  const int forced = g_kernel_override.load(std::memory_order_relaxed);
+  if (forced >= 0) return static_cast<DecodeKernelChoice>(forced);
+  static const DecodeKernelChoice from_environment = decode_kernel_from_environment();
   return from_environment;
 }
 
-void set_fp8_decode_kernel_override(std::optional<Fp8DecodeKernel> kernel) {
-  g_fp8_kernel_override.store(kernel ? static_cast<int>(*kernel) : -1, std::memory_order_relaxed);
+void set_decode_kernel_override(std::optional<DecodeKernelChoice> kernel) {
+  g_kernel_override.store(kernel ? static_cast<int>(*kernel) : -1, std::memory_order_relaxed);
 }
 
-const char* fp8_decode_kernel_name(Fp8DecodeKernel kernel) {
-  return kernel == Fp8DecodeKernel::kMma ? "mma" : "wgmma";
+const char* decode_kernel_name(DecodeKernelChoice kernel) {
+  return kernel == DecodeKernelChoice::kMma ? "mma" : "wgmma";
 }
 }  // namespace sm90
 
@@ -162,12 +162,19 @@ void mla_decode(const DecodeParams& params, StreamHandle stream_handle) {
   k.status = static_cast<unsigned int*>(status);
 
   const int row_groups = sm90::decode_row_groups(k.rows);
-  if (fp8 && sm90::fp8_decode_kernel() == sm90::Fp8DecodeKernel::kWgmma) {
-    sm90::launch_decode_fp8_wgmma(k, stream);
-  } else if (fp8) {
-    sm90::launch_decode_fp8(k, row_groups, stream);
+  const bool wgmma = sm90::decode_kernel_choice() == sm90::DecodeKernelChoice::kWgmma;
+  if (fp8) {
+    if (wgmma) {
+      sm90::launch_decode_fp8_wgmma(k, stream);
+    } else {
+      sm90::launch_decode_fp8(k, row_groups, stream);
+    }
   } else {
-    sm90::launch_decode_bf16(k, row_groups, stream);
+    if (wgmma) {
+      sm90::launch_decode_bf16_wgmma(k, stream);
+    } else {
+      sm90::launch_decode_bf16(k, row_groups, stream);
+    }
   }
   // With one part every sequence is a single piece, written directly.
   if (num_parts > 1) sm90::launch_decode_combine(k, stream);

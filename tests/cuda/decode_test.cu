@@ -215,10 +215,8 @@ struct Errors {
   reference::ErrorStats lse_a, lse_emulated, lse_b;
 };
 
-// The kernel mla_decode runs for `format` (bf16 caches have only the mma.sync one).
-const char* kernel_name(KvFormat format) {
-  return format == KvFormat::kBF16 ? "mma" : cuda::sm90::fp8_decode_kernel_name(cuda::sm90::fp8_decode_kernel());
-}
+// The kernel mla_decode runs (the same choice for both cache formats).
+const char* kernel_name() { return cuda::sm90::decode_kernel_name(cuda::sm90::decode_kernel_choice()); }
 
 // Runs one case and compares it with all references; prints one CASE line.
 Errors check_case(const synthetic::WorkloadSpec& spec, KvFormat format) {
@@ -241,7 +239,7 @@ Errors check_case(const synthetic::WorkloadSpec& spec, KvFormat format) {
   std::printf(
       "CASE fmt=%s kernel=%s dist=%s b=%d s_q=%d h_q=%d parts=%d relerr_a=%.3e relerr_emul=%.3e relerr_b=%.3e "
       "cos=%.6f lse_err_a=%.3e lse_err_emul=%.3e lse_err_b=%.3e\n",
-      kv_format_name(format), kernel_name(format), synthetic::distribution_name(spec.distribution), spec.batch,
+      kv_format_name(format), kernel_name(), synthetic::distribution_name(spec.distribution), spec.batch,
       spec.s_q, spec.h_q, decode.num_parts, e.out_a.rel_l2, e.out_emulated.rel_l2, e.out_b.rel_l2, e.out_b.cosine,
       e.lse_a.max_abs, e.lse_emulated.max_abs, e.lse_b.max_abs);
   return e;
@@ -319,20 +317,17 @@ void expect_case(const synthetic::WorkloadSpec& spec, KvFormat format,
   }
 }
 
-// ---- every test runs once per fp8 decode kernel ----
-// The parameter picks the fp8 kernel (mma.sync, or the sm_90a wgmma one);
-// bf16 caches have only the mma.sync kernel, so their cases run under the
-// mma parameter alone (formats()).
-using cuda::sm90::Fp8DecodeKernel;
+// ---- every test runs once per decode kernel ----
+// The parameter picks the kernel for both cache formats: the mma.sync one,
+// or the sm_90a wgmma ones (fp8: decode_wgmma_kernel.cuh, bf16:
+// decode_bf16_wgmma_kernel.cuh).
+using cuda::sm90::DecodeKernelChoice;
 
-class CudaDecode : public ::testing::TestWithParam<Fp8DecodeKernel> {
+class CudaDecode : public ::testing::TestWithParam<DecodeKernelChoice> {
  protected:
-  void SetUp() override { cuda::sm90::set_fp8_decode_kernel_override(GetParam()); }
-  void TearDown() override { cuda::sm90::set_fp8_decode_kernel_override(std::nullopt); }
-  std::vector<KvFormat> formats() const {
-    if (GetParam() == Fp8DecodeKernel::kMma) return {KvFormat::kBF16, KvFormat::kFP8};
-    return {KvFormat::kFP8};
-  }
+  void SetUp() override { cuda::sm90::set_decode_kernel_override(GetParam()); }
+  void TearDown() override { cuda::sm90::set_decode_kernel_override(std::nullopt); }
+  static std::vector<KvFormat> formats() { return {KvFormat::kBF16, KvFormat::kFP8}; }
 };
 
 // ---- shapes: every head count and MTP length, both formats ----
@@ -358,6 +353,16 @@ TEST_P(CudaDecode, Fp8AcceptanceAtServingShapes) {
               kFp8MaxRelL2Dense);
   expect_case(make_spec(8, 1, 16, {4096, 4096, 4096, 4096, 4096, 4096, 4096, 4096}, Distribution::kGaussian, 503),
               KvFormat::kFP8, kFp8MaxRelL2Dense);
+}
+
+// The bf16 cache at serving-sized sequences (many pages per CTA: every stage
+// reused many times, and split pieces that start on an odd page).
+TEST_P(CudaDecode, Bf16AtServingShapes) {
+  SKIP_WITHOUT_HOPPER();
+  expect_case(make_spec(4, 1, 128, {4096, 4096, 4096, 4096}, Distribution::kGaussian, 511), KvFormat::kBF16);
+  expect_case(make_spec(4, 2, 64, {8192, 5000, 8191, 33}, Distribution::kGaussian, 512), KvFormat::kBF16);
+  expect_case(make_spec(8, 1, 16, {4096, 4095, 4097, 4096, 1, 4096, 4096, 4096}, Distribution::kGaussian, 513),
+              KvFormat::kBF16);
 }
 
 // Head counts that are not a multiple of 16 leave padding rows in the tile.
@@ -513,18 +518,19 @@ TEST_P(CudaDecode, SequenceLongerThanBlockTableIsAnError) {
   }
 }
 
-INSTANTIATE_TEST_SUITE_P(Fp8Kernels, CudaDecode, ::testing::Values(Fp8DecodeKernel::kMma, Fp8DecodeKernel::kWgmma),
-                         [](const ::testing::TestParamInfo<Fp8DecodeKernel>& info) {
-                           return std::string(cuda::sm90::fp8_decode_kernel_name(info.param));
+INSTANTIATE_TEST_SUITE_P(DecodeKernels, CudaDecode,
+                         ::testing::Values(DecodeKernelChoice::kMma, DecodeKernelChoice::kWgmma),
+                         [](const ::testing::TestParamInfo<DecodeKernelChoice>& info) {
+                           return std::string(cuda::sm90::decode_kernel_name(info.param));
                          });
 
-// ---- wgmma kernel: layout diagnostics ----
-class ScopedFp8Kernel {
+// ---- wgmma kernels: layout diagnostics ----
+class ScopedDecodeKernel {
  public:
-  explicit ScopedFp8Kernel(Fp8DecodeKernel kernel) { cuda::sm90::set_fp8_decode_kernel_override(kernel); }
-  ~ScopedFp8Kernel() { cuda::sm90::set_fp8_decode_kernel_override(std::nullopt); }
-  ScopedFp8Kernel(const ScopedFp8Kernel&) = delete;
-  ScopedFp8Kernel& operator=(const ScopedFp8Kernel&) = delete;
+  explicit ScopedDecodeKernel(DecodeKernelChoice kernel) { cuda::sm90::set_decode_kernel_override(kernel); }
+  ~ScopedDecodeKernel() { cuda::sm90::set_decode_kernel_override(std::nullopt); }
+  ScopedDecodeKernel(const ScopedDecodeKernel&) = delete;
+  ScopedDecodeKernel& operator=(const ScopedDecodeKernel&) = delete;
 };
 
 // One sequence of at most one page, one CTA (one part, s_q = 1, so row r is
@@ -535,12 +541,19 @@ class ScopedFp8Kernel {
 // dims [256 g, 256 g + 256) in two n128 halves). The printed breakdown says
 // which part is wrong: bad lse = QK; good lse but bad out = PV; bad out in
 // some 64-dim blocks only = V^T addressing or a warpgroup's descriptor.
-void diagnose_one_tile(int h_q, int seqlen, uint64_t seed) {
-  SCOPED_TRACE("h_q=" + std::to_string(h_q) + " seqlen=" + std::to_string(seqlen));
-  ScopedFp8Kernel use_wgmma(Fp8DecodeKernel::kWgmma);
-  GpuDecode decode(make_spec(1, 1, h_q, {seqlen}, Distribution::kGaussian, seed), KvFormat::kFP8, 1);
+// bf16 (decode_bf16_wgmma_kernel.cuh): lse depends on S (the SW128 Q / page
+// tiles, the m64n64 QK, masking) and on the exchange of row maxima between
+// the warpgroups; out on P (the register A fragment for a warpgroup's own
+// page, the shared P tile for the other's) and the MN-major V descriptor;
+// bad out in dims 0..255 or 256..511 only = one warpgroup's V half.
+void diagnose_one_tile(int h_q, int seqlen, uint64_t seed, KvFormat format = KvFormat::kFP8) {
+  SCOPED_TRACE(std::string(kv_format_name(format)) + " h_q=" + std::to_string(h_q) +
+               " seqlen=" + std::to_string(seqlen));
+  ScopedDecodeKernel use_wgmma(DecodeKernelChoice::kWgmma);
+  const bool fp8 = format == KvFormat::kFP8;
+  GpuDecode decode(make_spec(1, 1, h_q, {seqlen}, Distribution::kGaussian, seed), format, 1);
   const reference::DecodeResult got = decode.run();
-  const reference::DecodeResult ref = decode.reference_paged({.quantize_query = true, .quantize_p = true});
+  const reference::DecodeResult ref = decode.reference_paged({.quantize_query = fp8, .quantize_p = fp8});
   expect_all_written(got, ref);
 
   int worst_lse_row = 0;
@@ -549,8 +562,9 @@ void diagnose_one_tile(int h_q, int seqlen, uint64_t seed) {
     const double err = std::fabs(got.lse[r] - ref.lse[r]) / (1.0 + std::fabs(ref.lse[r]));
     if (!(err <= worst_lse)) worst_lse = err, worst_lse_row = r;  // NaN counts as worst
   }
-  std::printf("WGMMA-DIAG h_q=%d seqlen=%d lse_err=%.3e (row %d: got %.6f ref %.6f)\n", h_q, seqlen, worst_lse,
-              worst_lse_row, got.lse[worst_lse_row], ref.lse[worst_lse_row]);
+  std::printf("WGMMA-DIAG fmt=%s h_q=%d seqlen=%d lse_err=%.3e (row %d: got %.6f ref %.6f)\n",
+              kv_format_name(format), h_q, seqlen, worst_lse, worst_lse_row, got.lse[worst_lse_row],
+              ref.lse[worst_lse_row]);
   constexpr int kBlock = 64;
   std::printf("WGMMA-DIAG out rel err per 64-dim block:");
   for (int block = 0; block < kHeadDimV / kBlock; ++block) {
@@ -574,8 +588,8 @@ void diagnose_one_tile(int h_q, int seqlen, uint64_t seed) {
   for (int d = 0; d < 8; ++d) std::printf(" %.4f/%.4f", got.out[d], ref.out[d]);
   std::printf("\n");
 
-  EXPECT_LE(worst_lse, kFp8MaxLseErrEmulated);
-  EXPECT_LE(reference::compare(got.out, ref.out).rel_l2, kFp8MaxRelL2Emulated);
+  EXPECT_LE(worst_lse, fp8 ? kFp8MaxLseErrEmulated : kBf16MaxLseErr);
+  EXPECT_LE(reference::compare(got.out, ref.out).rel_l2, fp8 ? kFp8MaxRelL2Emulated : kBf16MaxRelL2);
 }
 
 TEST(CudaDecodeWgmma, OneTileDiagnostics) {
@@ -584,6 +598,15 @@ TEST(CudaDecodeWgmma, OneTileDiagnostics) {
   diagnose_one_tile(64, 40, 1002);  // a partial page: tokens 40..63 masked
   diagnose_one_tile(16, 64, 1003);  // padding rows 16..63
   diagnose_one_tile(64, 128, 1004);  // two pages: the online rescale (beta) and the stage swap
+}
+
+TEST(CudaDecodeWgmma, Bf16OneTileDiagnostics) {
+  SKIP_WITHOUT_HOPPER();
+  diagnose_one_tile(64, 64, 1201, KvFormat::kBF16);   // one full page: WG0's page, no page for WG1
+  diagnose_one_tile(64, 40, 1202, KvFormat::kBF16);   // a partial page: tokens 40..63 masked (zero-filled V)
+  diagnose_one_tile(16, 64, 1203, KvFormat::kBF16);   // padding rows 16..63
+  diagnose_one_tile(64, 128, 1204, KvFormat::kBF16);  // one pair: the max exchange and both P paths
+  diagnose_one_tile(64, 300, 1205, KvFormat::kBF16);  // 5 pages: stage reuse, a last pair without page b
 }
 
 // Both kernels do the same arithmetic except for summation order and the fp8
@@ -596,11 +619,11 @@ TEST(CudaDecodeWgmma, MatchesMmaKernel) {
   GpuDecode decode(make_spec(3, 2, 64, {1000, 64, 333}, Distribution::kGaussian, 1100), KvFormat::kFP8);
   reference::DecodeResult mma, wgmma;
   {
-    ScopedFp8Kernel use(Fp8DecodeKernel::kMma);
+    ScopedDecodeKernel use(DecodeKernelChoice::kMma);
     mma = decode.run();
   }
   {
-    ScopedFp8Kernel use(Fp8DecodeKernel::kWgmma);
+    ScopedDecodeKernel use(DecodeKernelChoice::kWgmma);
     wgmma = decode.run();
   }
   const reference::ErrorStats out = reference::compare(wgmma.out, mma.out);
@@ -612,6 +635,33 @@ TEST(CudaDecodeWgmma, MatchesMmaKernel) {
   EXPECT_LE(out.rel_l2, 6e-3);
   // Each kernel is within kFp8MaxLseErrEmulated of the emulation.
   EXPECT_LE(lse_err, 2 * kFp8MaxLseErrEmulated);
+}
+
+// bf16: both kernels read the same exact values; they differ in summation
+// order and in where P is rounded to bf16 (the wgmma kernel rounds P_a after
+// rescaling it to the pair's maximum for the second warpgroup), each ~2^-9
+// relative per weight, averaging out: within the bf16 acceptance bound of
+// each other, in both the direct and the split path.
+TEST(CudaDecodeWgmma, Bf16MatchesMmaKernel) {
+  SKIP_WITHOUT_HOPPER();
+  GpuDecode decode(make_spec(3, 2, 64, {1000, 64, 333}, Distribution::kGaussian, 1300), KvFormat::kBF16);
+  reference::DecodeResult mma, wgmma;
+  {
+    ScopedDecodeKernel use(DecodeKernelChoice::kMma);
+    mma = decode.run();
+  }
+  {
+    ScopedDecodeKernel use(DecodeKernelChoice::kWgmma);
+    wgmma = decode.run();
+  }
+  const reference::ErrorStats out = reference::compare(wgmma.out, mma.out);
+  const reference::ErrorStats lse = reference::compare_lse(wgmma.lse, mma.lse);
+  const double lse_err = lse_scaled_error(wgmma.lse, mma.lse);
+  std::printf("WGMMA-VS-MMA fmt=bf16 rel_l2=%.3e lse_err=%.3e\n", out.rel_l2, lse_err);
+  EXPECT_EQ(out.nonfinite, 0);
+  EXPECT_EQ(lse.nonfinite, 0);
+  EXPECT_LE(out.rel_l2, kBf16MaxRelL2);
+  EXPECT_LE(lse_err, 2 * kBf16MaxLseErr);
 }
 
 }  // namespace

@@ -9,20 +9,22 @@
 
 namespace snapmla::cuda::sm90 {
 
-// ---- which fp8 decode kernel runs ----
-// kMma: the mma.sync kernel below (ptxas runs its e4m3 mma.sync as f16 HMMA
-// on sm_90); kWgmma: the sm_90a wgmma kernel on the fp8 tensor cores
-// (decode_wgmma_kernel.cuh). bf16 caches always use the mma.sync kernel.
-enum class Fp8DecodeKernel { kMma, kWgmma };
-inline constexpr Fp8DecodeKernel kDefaultFp8DecodeKernel = Fp8DecodeKernel::kWgmma;
+// ---- which decode kernel runs (both cache formats) ----
+// kMma: the mma.sync kernel below (for fp8, ptxas runs its e4m3 mma.sync as
+// f16 HMMA on sm_90); kWgmma: the sm_90a wgmma kernels (fp8:
+// decode_wgmma_kernel.cuh on the fp8 tensor cores; bf16:
+// decode_bf16_wgmma_kernel.cuh).
+enum class DecodeKernelChoice { kMma, kWgmma };
+inline constexpr DecodeKernelChoice kDefaultDecodeKernel = DecodeKernelChoice::kWgmma;
 // SNAPMLA_DECODE_KERNEL=mma|wgmma, read once (an override set below wins);
 // any other value is an Error naming the variable.
-Fp8DecodeKernel fp8_decode_kernel();
+DecodeKernelChoice decode_kernel_choice();
 // For tests: forces a kernel; std::nullopt returns to the environment's choice.
-void set_fp8_decode_kernel_override(std::optional<Fp8DecodeKernel> kernel);
-const char* fp8_decode_kernel_name(Fp8DecodeKernel kernel);
+void set_decode_kernel_override(std::optional<DecodeKernelChoice> kernel);
+const char* decode_kernel_name(DecodeKernelChoice kernel);
 
 void launch_decode_fp8_wgmma(const DecodeKernelParams& params, cudaStream_t stream);
+void launch_decode_bf16_wgmma(const DecodeKernelParams& params, cudaStream_t stream);
 
 template <KvFormat kFormat, int kRowGroups>
 void launch_decode_instance(const DecodeKernelParams& params, cudaStream_t stream) {

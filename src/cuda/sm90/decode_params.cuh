@@ -137,6 +137,9 @@ __device__ __forceinline__ void skip_finished_pieces(const DecodeKernelParams& p
   }
 }
 __device__ __forceinline__ PageCursor first_page(const DecodeKernelParams& p, const SchedulePart& part) {
+  // A part with no work (end_batch < begin_batch, begin_batch may be the batch
+  // size) has no piece to read: the walk is over before it starts.
+  if (part.end_batch < part.begin_batch) return PageCursor{SequencePiece{part.end_batch + 1, 0, 0, 1}, 0};
   PageCursor c{sequence_piece(p, part, part.begin_batch), 0};
   c.page = c.piece.page_begin;
   skip_finished_pieces(p, part, c);

@@ -75,10 +75,15 @@ inline constexpr int kMathThreads = kWarpGroups * 128;
 inline constexpr int kProducerThreads = 128;
 inline constexpr int kThreads = kMathThreads + kProducerThreads;
 inline constexpr int kWarps = kMathThreads / 32;  // the V^T walk's (virtual) warps
-// setmaxnreg budgets: 128 x producer + 256 x math <= 64 K registers.
-inline constexpr int kProducerRegisters = 56;
-inline constexpr int kMathRegisters = 224;
-static_assert(kProducerThreads * kProducerRegisters + kMathThreads * kMathRegisters <= 64 * 1024,
+// setmaxnreg budgets: 128 x producer + 256 x math <= 64 K registers. The L2
+// prefetcher's extra page cursor needs 64 producer registers (math 216, its
+// page loop peaks at R210); without it 56 / 224.
+template <bool kL2Prefetch>
+inline constexpr int kProducerRegisters = kL2Prefetch ? 64 : 56;
+template <bool kL2Prefetch>
+inline constexpr int kMathRegisters = kL2Prefetch ? 216 : 224;
+static_assert(kProducerThreads * kProducerRegisters<true> + kMathThreads * kMathRegisters<true> <= 64 * 1024 &&
+                  kProducerThreads * kProducerRegisters<false> + kMathThreads * kMathRegisters<false> <= 64 * 1024,
               "setmaxnreg budgets exceed the register file");
 inline constexpr int kDimsPerWarpGroup = kHeadDimV / kWarpGroups;  // 256 output dims per warpgroup
 inline constexpr int kPvN = 64;                                    // the PV wgmma N
@@ -284,21 +289,45 @@ __device__ __forceinline__ int load_page(const DecodeKernelParams& p, const Sequ
 // Producer warpgroup (thread = 0..127): for the CTA's n-th page (all pieces
 // in order, n counted from 0), stage, V^T buffer n % 2 and phase parity
 // (n / 2) % 2:
-//   copies land (one cp.async group per page, one younger allowed) -> fence
-//   to the async proxy -> arrive on stage full (128); wait stage full (all
-//   copies of the page, for V^T) and V^T empty (both math warpgroups done
-//   with the PV of page n - 2) -> build V^T -> fence -> arrive on V^T full
-//   (128); wait stage empty (the owner read it, 128 arrivals) -> copy page
-//   n + 2 into it. The page's valid-token count goes next to its scales
+//   wait stage full (the page's copies landed) and V^T empty (both math
+//   warpgroups done with the PV of page n - 2) -> build V^T -> fence -> arrive
+//   on V^T full (128) -> producer barrier (every copier is done reading the
+//   stage) -> wait stage empty (the owner's QK read it, 128 arrivals) -> copy
+//   page n + 2 into it. The page's valid-token count goes next to its scales
 //   (thread 0, st.shared before its arrive), for the owner's mask.
+// Two ways to signal "landed" (kAsyncArrive):
+//   false (v7): one cp.async group per page; the producer waits for page n's
+//     group at the top of iteration n, fences to the async proxy and arrives
+//     (128), so a late V^T build or stage-empty wait also delays stage full;
+//   true (v8): each copier arrives through cp.async.mbarrier.arrive.noinc
+//     when its copies land (+1 for thread 0's valid count), nobody waits for
+//     copies, and the owner fences to the async proxy after its wait.
+// kL2Prefetch: pages kL2PrefetchPages ahead of the page being transposed are
+// prefetched into L2 (cp.async.bulk.prefetch), so that the copy two pages
+// ahead meets L2, not DRAM.
+inline constexpr int kL2PrefetchPages = 4;
+inline constexpr int kProducerBarrier = 2;  // named barrier id (the math warpgroups use 1)
+inline constexpr int kPrefetchThread = 96;  // warp 3's lane 0: its block-table loads stall no copier's address math
+template <bool kAsyncArrive, bool kL2Prefetch>
 __device__ __forceinline__ void run_producer(const DecodeKernelParams& p, const SchedulePart& part,
                                              uint32_t smem_base, uint8_t* smem, int thread) {
   const int warp = thread >> 5, lane = thread & 31;
   auto stage_base = [&](int stage) { return smem_base + Smem::kStage0 + stage * Smem::kStageBytes; };
-  // The resolved block-table entry of a page, read ahead of its copy (v6).
+  auto stage_full = [&](int stage) { return smem_base + Smem::kStageFull + 8 * stage; };
   auto copy_resolved = [&](int64_t physical, int valid, int stage) {
     load_resolved_page<kProducerThreads>(p, physical, valid, stage_base(stage), thread);
     if (thread == 0) *reinterpret_cast<int*>(smem + Smem::kStage0 + stage * Smem::kStageBytes + Smem::kStageValid) = valid;
+    if constexpr (kAsyncArrive) {
+      cp_async_arrive_noinc(stage_full(stage));
+      if (thread == 0) wgmma::mbarrier_arrive(stage_full(stage));
+    }
+  };
+  auto prefetch = [&](const PageCursor& c) {
+    int64_t physical;
+    if (resolve_page(p, c.piece, c.page, false, &physical) == 0) return;
+    prefetch_l2(p.kv_nope + physical * kPageSize * kNopeDim, kPageSize * kNopeDim);
+    prefetch_l2(p.kv_rope + physical * kPageSize * kRopeDim, kPageSize * kRopeDim * 2);
+    prefetch_l2(p.kv_scale + physical * kPageSize, kPageSize * 4);
   };
   PageCursor compute = first_page(p, part);
   PageCursor ahead = compute;
@@ -310,42 +339,56 @@ __device__ __forceinline__ void run_producer(const DecodeKernelParams& p, const 
       copy_resolved(physical, valid, n);
       next_page(p, part, ahead);
     }
-    cp_async_commit();
+    if constexpr (!kAsyncArrive) cp_async_commit();
+  }
+  PageCursor l2_ahead = ahead;  // page kStages
+  if constexpr (kL2Prefetch) {
+#pragma unroll 1
+    for (int n = kStages; n < kL2PrefetchPages && has_page(part, l2_ahead); ++n) {
+      if (thread == kPrefetchThread) prefetch(l2_ahead);
+      next_page(p, part, l2_ahead);
+    }
   }
 #pragma unroll 1
   for (int n = 0; has_page(part, compute); ++n, next_page(p, part, compute)) {
     const int stage = n % kStages, vt_buffer = n & 1;
-    const uint32_t full = smem_base + Smem::kStageFull + 8 * stage;
-    cp_async_wait<kStages - 1>();
-    wgmma::fence_proxy_async_shared();
-    wgmma::mbarrier_arrive(full);
-    wgmma::mbarrier_wait(full, (n / kStages) & 1);
-    // v6: the page ahead's block-table load is in flight during the V^T build
+    // The page ahead's block-table load is in flight during the V^T build
     // (its copy cannot be: it refills this page's stage, V^T's source).
     const bool copy_ahead = has_page(part, ahead);
     int64_t ahead_physical = 0;
     int ahead_valid = 0;
-    if (copy_ahead)
-      ahead_valid = resolve_page(p, ahead.piece, ahead.page, thread == 0, &ahead_physical);
+    if (copy_ahead) ahead_valid = resolve_page(p, ahead.piece, ahead.page, thread == 0, &ahead_physical);
+    if constexpr (!kAsyncArrive) {
+      cp_async_wait<kStages - 1>();
+      wgmma::fence_proxy_async_shared();
+      wgmma::mbarrier_arrive(stage_full(stage));
+    }
+    wgmma::mbarrier_wait(stage_full(stage), (n / kStages) & 1);
     if (n >= 2) wgmma::mbarrier_wait(smem_base + Smem::kVtEmpty + 8 * vt_buffer, ((n >> 1) - 1) & 1);
     const uint32_t vt = smem_base + Smem::kVt + vt_buffer * Smem::kVtBytes;
-    // The v4 V^T unit walk for 8 warps, run as virtual warps w and w + 4.
+    // The V^T unit walk for 8 warps, run as virtual warps w and w + 4.
 #pragma unroll 1
     for (int half = 0; half < 2; ++half)
       build_vt_steps<kVtLoadsInFlight>(stage_base(stage), vt, vt_thread_offsets(warp + 4 * half, lane), 0,
                                        kVtSteps);
     wgmma::fence_proxy_async_shared();
     wgmma::mbarrier_arrive(smem_base + Smem::kVtFull + 8 * vt_buffer);
+    if constexpr (kL2Prefetch) {
+      if (thread == kPrefetchThread && has_page(part, l2_ahead)) prefetch(l2_ahead);
+      if (has_page(part, l2_ahead)) next_page(p, part, l2_ahead);
+    }
     if (copy_ahead) {
+      wgmma::named_barrier_sync(kProducerBarrier, kProducerThreads);  // nobody reads the stage any more
       wgmma::mbarrier_wait(smem_base + Smem::kStageEmpty + 8 * stage, (n / kStages) & 1);
       copy_resolved(ahead_physical, ahead_valid, stage);
       next_page(p, part, ahead);
     }
-    cp_async_commit();
+    if constexpr (!kAsyncArrive) cp_async_commit();
   }
-  cp_async_wait<0>();
+  if constexpr (!kAsyncArrive) cp_async_wait<0>();
 }
 
+template <bool kAsyncArrive, bool kL2Prefetch>
 __global__ void __launch_bounds__(kThreads, 1) mla_decode_fp8_wgmma_kernel(const DecodeKernelParams p) {
   extern __shared__ __align__(1024) uint8_t smem_raw[];
   // The swizzle is a function of address bits 4..9, so tiles start 1024-byte aligned.
@@ -368,7 +411,8 @@ __global__ void __launch_bounds__(kThreads, 1) mla_decode_fp8_wgmma_kernel(const
 
   if (tid == 0) {
     for (int i = 0; i < 2; ++i) {
-      wgmma::mbarrier_init(smem_base + Smem::kStageFull + 8 * i, kProducerThreads);
+      // v8: the copiers' async arrivals and thread 0's (valid count); v7: the producer's 128.
+      wgmma::mbarrier_init(smem_base + Smem::kStageFull + 8 * i, kProducerThreads + (kAsyncArrive ? 1 : 0));
       wgmma::mbarrier_init(smem_base + Smem::kStageEmpty + 8 * i, 128);  // the page's owner
       wgmma::mbarrier_init(smem_base + Smem::kVtFull + 8 * i, kProducerThreads);
       wgmma::mbarrier_init(smem_base + Smem::kVtEmpty + 8 * i, kMathThreads);
@@ -378,11 +422,11 @@ __global__ void __launch_bounds__(kThreads, 1) mla_decode_fp8_wgmma_kernel(const
   }
   __syncthreads();  // the last CTA-wide barrier: from here on the roles synchronise apart
   if (warp_group == kWarpGroups) {
-    wgmma::set_max_registers_decrease<kProducerRegisters>();
-    run_producer(p, part, smem_base, smem, tid - kMathThreads);
+    wgmma::set_max_registers_decrease<kProducerRegisters<kL2Prefetch>>();
+    run_producer<kAsyncArrive, kL2Prefetch>(p, part, smem_base, smem, tid - kMathThreads);
     return;
   }
-  wgmma::set_max_registers_increase<kMathRegisters>();
+  wgmma::set_max_registers_increase<kMathRegisters<kL2Prefetch>>();
   // Barrier of the two math warpgroups (the producer never joins one).
   auto math_sync = [] { wgmma::named_barrier_sync(1, kMathThreads); };
 
@@ -427,6 +471,9 @@ __global__ void __launch_bounds__(kThreads, 1) mla_decode_fp8_wgmma_kernel(const
     auto score_page = [&](int n, int page) {
       const uint32_t stage_base = smem_base + Smem::kStage0 + (n & 1) * Smem::kStageBytes;
       wgmma::mbarrier_wait(barrier(Smem::kStageFull, n), parity(n));
+      // v8: the copies were cp.async writes (generic proxy), nobody fenced them, and wgmma reads
+      // through the async proxy.
+      if constexpr (kAsyncArrive) wgmma::fence_proxy_async_shared();
       float s[kSRegs], t[kSRegs];
 #pragma unroll
       for (int i = 0; i < kSRegs; ++i) s[i] = t[i] = 0.0f;

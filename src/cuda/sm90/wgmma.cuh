@@ -236,12 +236,6 @@ __host__ __device__ constexpr uint64_t k_major_sw128_desc(uint32_t start) {
 __device__ __forceinline__ void named_barrier_arrive(int id, int threads) {
   asm volatile("bar.arrive %0, %1;\n" ::"r"(id), "r"(threads) : "memory");
 }
-// One arrival on `bar` once all of this thread's earlier cp.async copies have
-// landed; .noinc: it counts against the barrier's initial count (so a barrier
-// waited on by copies of N threads is initialised with N, plus other arrivals).
-__device__ __forceinline__ void mbarrier_arrive_on_cp_async(uint32_t bar) {
-  asm volatile("cp.async.mbarrier.arrive.noinc.shared::cta.b64 [%0];\n" ::"r"(bar) : "memory");
-}
 
 // D[64 x 256] += A[64 x 16 bf16] . B[16 x 256 bf16] with B MN-major in shared
 // memory (mn_major_sw128_desc; imm-trans-b = 1). RS: A from registers in the
