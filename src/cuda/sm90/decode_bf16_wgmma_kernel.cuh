@@ -39,12 +39,28 @@
 //
 // Page stage handoff (producer <-> math), per stage s and half h: half h is
 // what warpgroup h reads after the owner's QK: V tiles [4 h, 4 h + 4), plus
-// tile 8 (P) when h is the non-owner (1 - s). full[s][h]: the half's copies
-// landed (128 cp.async arrivals + thread 0's, which also publishes the valid
-// count); empty[s][h]: warpgroup h's PV read of it completed (128). The
-// producer refills the owner's half first (its RS PV ends first).
+// tile 8 (P) when h is the non-owner (1 - s). empty[s][h]: warpgroup h's PV
+// read of it completed (128 arrivals). The producer refills the owner's half
+// first (its RS PV ends first). How a fill is announced is the variant
+// (SNAPMLA_BF16_VARIANT, decode_bf16_wgmma.cu):
+//   v1 (Variant::kCpAsyncArrive): cp.async, full[s][h] per half (128
+//      cp.async.mbarrier arrivals + thread 0's, which also publishes the valid
+//      count); the math warpgroups fence the generic-proxy copies for wgmma
+//      after each wait (a MEMBAR.ALL.CTA per half page).
+//   v2 (Variant::kCpAsyncFenced): cp.async; the producer waits for its own
+//      copies, fences them for the async proxy and then arrives (count 1), so
+//      the math warpgroups' waits need no fence. One barrier per tile,
+//      full[s][t], all arrived together.
+//   v3 (Variant::kTma): as v2 for pages with missing tokens (zero-filled rows,
+//      pages outside the pool never read); whole pages by TMA, one 64 x 64
+//      box per tile on its own full[s][t] (QK starts on the first tiles while
+//      the rest lands), written through the async proxy: no fence anywhere.
+//   v4 (Variant::kTmaEarlyPv): v3, and WG1 issues its RS PV of page b before
+//      storing P_b for WG0 (the stores and their proxy fence then overlap
+//      the MMA instead of delaying its issue).
 #pragma once
 
+#include <cuda.h>
 #include <cuda_runtime.h>
 
 #include <cstdint>
@@ -82,6 +98,10 @@ inline constexpr float kNegInf = -__builtin_huge_valf();
 static_assert(kPageSize == 64 && kRows == 64, "tile shapes assume 64-token pages and 64-row CTAs");
 static_assert(kHeadDim % 64 == 0 && kHeadDimV == 8 * 64, "576 = 9 tiles of 64 dims, V = the first 8");
 
+// How pages reach shared memory (see the top of the file).
+enum class Variant : int { kCpAsyncArrive = 1, kCpAsyncFenced = 2, kTma = 3, kTmaEarlyPv = 4 };
+constexpr bool uses_tma(Variant v) { return v == Variant::kTma || v == Variant::kTmaEarlyPv; }
+
 struct Smem {
   static constexpr int kQ = 0;
   static constexpr int kStage0 = kQ + kTiles * kTileBytes;
@@ -90,8 +110,8 @@ struct Smem {
   static constexpr int kMaxB = kMaxA + kRows * 4;          // m_b [64]
   static constexpr int kSums = kMaxB + kRows * 4;          // l parts [2][64]
   static constexpr int kValid = kSums + 2 * kRows * 4;     // valid tokens [2 stages]
-  static constexpr int kFull = kValid + 2 * 4;  // mbarriers [stage][half]
-  static constexpr int kEmpty = kFull + 4 * 8;
+  static constexpr int kFull = kValid + 2 * 4;  // mbarriers [stage][tile] (v1: [stage][half])
+  static constexpr int kEmpty = kFull + 2 * kTiles * 8;  // mbarriers [stage][half]
   static constexpr int kBytes = kEmpty + 4 * 8;
   // The dynamic shared memory base is aligned up to 1024 at run time.
   static constexpr int kAllocBytes = kBytes + 1024;
@@ -110,10 +130,20 @@ enum MathBarrier : int {
   kMaxBReady = 3,    // WG1 -> WG0: m_b published
   kPaReady = 4,      // WG0 -> WG1: P_a' in stage 0's tile 8
   kPbReady = 5,      // WG1 -> WG0: P_b in stage 1's tile 8 (and its RS PV issued)
+  kProducerSync = 6,  // the producer warpgroup (128): its cp.async copies of a half landed
 };
 
 __device__ __forceinline__ uint32_t full_barrier(uint32_t smem_base, int stage, int half) {
   return smem_base + Smem::kFull + 8 * (2 * stage + half);
+}
+// v2 / v3: one per tile.
+__device__ __forceinline__ uint32_t tile_full_barrier(uint32_t smem_base, int stage, int tile) {
+  return smem_base + Smem::kFull + 8 * (kTiles * stage + tile);
+}
+// The tile of a stage's half in order t = 0, 1, ..: V tiles [4 half, 4 half +
+// 4), then the P tile when the half is the non-owner's; -1 past the end.
+__device__ __forceinline__ int tile_of_half(int stage, int half, int t) {
+  return t < kVTilesPerWarpGroup ? kVTilesPerWarpGroup * half + t : (t == kVTilesPerWarpGroup && half != stage ? kPTile : -1);
 }
 __device__ __forceinline__ uint32_t empty_barrier(uint32_t smem_base, int stage, int half) {
   return smem_base + Smem::kEmpty + 8 * (2 * stage + half);
@@ -183,6 +213,60 @@ __device__ __forceinline__ void run_producer(const DecodeKernelParams& p, const 
   cp_async_wait<0>();
 }
 
+// v2 / v3: the walk of run_producer, each fill announced on its tiles' full
+// barriers (count 1) only once it is visible to wgmma. A page with all
+// kPageSize tokens valid goes by TMA when kTma (thread 0 issues the boxes);
+// other pages (and every page without kTma) by cp.async with zero-filled
+// rows, which the producer waits for and fences itself. Every producer thread
+// waits on the empty barriers, so none runs more than one phase ahead of
+// them (parity waits cannot tell phases two apart).
+template <bool kTma>
+__device__ __forceinline__ void run_producer_fenced(const DecodeKernelParams& p, const SchedulePart& part,
+                                                    uint32_t smem_base, uint8_t* smem, int thread,
+                                                    const CUtensorMap* kv_map) {
+  if (kTma && thread == 0) wgmma::prefetch_tensor_map(kv_map);
+  int uses0 = 0, uses1 = 0;  // scalars: an indexed array would live in local memory
+#pragma unroll 1
+  for (PageCursor c = first_page(p, part); has_page(part, c); next_page(p, part, c)) {
+    const int stage = (c.page - c.piece.page_begin) & 1;
+    const int use = stage == 0 ? uses0++ : uses1++;
+    int64_t physical;
+    const int valid = resolve_page(p, c.piece, c.page, thread == 0, &physical);
+    const bool whole_page = kTma && valid == kPageSize;
+    const uint32_t stage_base = smem_base + Smem::kStage0 + stage * Smem::kStageBytes;
+#pragma unroll 1
+    for (int k = 0; k < 2; ++k) {
+      const int half = stage ^ k;  // the owner's half first
+      if (use > 0) wgmma::mbarrier_wait(empty_barrier(smem_base, stage, half), (use - 1) & 1);
+      if (!whole_page) {
+        copy_half_page(p, physical, valid, stage_base, stage, half, thread);
+        cp_async_commit();
+        cp_async_wait<0>();
+        wgmma::fence_proxy_async_shared();  // this thread's copies, for the math warpgroups' wgmma
+        wgmma::named_barrier_sync(kProducerSync, kProducerThreads);
+      }
+      if (thread == 0) {
+        // The owner reads it after its half's first tile; the slot is rewritten
+        // only after the owner's empty arrival, which follows its read.
+        if (k == 0) reinterpret_cast<volatile int*>(smem + Smem::kValid)[stage] = valid;
+#pragma unroll
+        for (int t = 0; t <= kVTilesPerWarpGroup; ++t) {
+          const int tile = tile_of_half(stage, half, t);
+          if (tile < 0) break;
+          const uint32_t bar = tile_full_barrier(smem_base, stage, tile);
+          if (whole_page) {
+            wgmma::mbarrier_arrive_expect_tx(bar, kTileBytes);
+            wgmma::tma_load_2d(stage_base + tile * kTileBytes, kv_map, 64 * tile,
+                               static_cast<int>(physical) * kPageSize, bar);
+          } else {
+            wgmma::mbarrier_arrive(bar);
+          }
+        }
+      }
+    }
+  }
+}
+
 // ---- math warpgroups ----
 // Per-thread facts of the accumulator fragments (wgmma.cuh): rows local_row[h]
 // = 16 w + l / 4 + 8 h; register 4 j + 2 h + e is column 8 j + 2 (l % 4) + e.
@@ -199,20 +283,27 @@ __device__ __forceinline__ float rescale_factor(float m_old, float m_new) {
 
 // S = Q K^T for the page in `stage`: the warpgroup's own half of the tiles
 // first (the producer refills it first), one commit group each.
-template <int kGroup>
+// v2 / v3 wait for each tile right before its MMAs.
+template <Variant kVariant>
 __device__ __forceinline__ void issue_qk_half(float (&s)[kSRegs], uint32_t smem_base, int stage, int half,
                                               int parity, bool first) {
-  wgmma::mbarrier_wait(full_barrier(smem_base, stage, half), parity);
-  wgmma::fence_proxy_async_shared();  // cp.async wrote through the generic proxy
+  if constexpr (kVariant == Variant::kCpAsyncArrive) {
+    wgmma::mbarrier_wait(full_barrier(smem_base, stage, half), parity);
+    wgmma::fence_proxy_async_shared();  // cp.async wrote through the generic proxy
+  }
   const uint64_t q_desc = wgmma::k_major_sw128_desc(smem_base + Smem::kQ);
   const uint64_t k_desc = wgmma::k_major_sw128_desc(smem_base + Smem::kStage0 + stage * Smem::kStageBytes);
   wgmma::fence_registers(s);
-  wgmma::fence();
+  if constexpr (kVariant == Variant::kCpAsyncArrive) wgmma::fence();
 #pragma unroll
   for (int t = 0; t < kVTilesPerWarpGroup + 1; ++t) {
     // Tiles [4 half, 4 half + 4), and tile 8 in the non-owner's half.
     if (t == kVTilesPerWarpGroup && half == stage) break;
     const int tile = t < kVTilesPerWarpGroup ? 4 * half + t : kPTile;
+    if constexpr (kVariant != Variant::kCpAsyncArrive) {
+      wgmma::mbarrier_wait(tile_full_barrier(smem_base, stage, tile), parity);
+      wgmma::fence();  // the wait loop is a branch: wgmmas after it need their own fence (else ptxas injects one)
+    }
 #pragma unroll
     for (int k = 0; k < 4; ++k) {
       const uint32_t offset = tile * kTileBytes + 32 * k;  // 16 bf16 of K per step
@@ -234,6 +325,17 @@ __device__ __forceinline__ void store_p_tile(const float (&s)[kSRegs], const flo
     for (int j = 0; j < kSRegs / 4; ++j)
       st_shared_u32(tile + wgmma::sw128_offset(mt.local_row[h], j) + 4 * mt.quad_lane,
                     token_quant::bf16x2_bits(s[4 * j + 2 * h] * factor[h], s[4 * j + 2 * h + 1] * factor[h]));
+}
+
+// The same tile from the packed A fragments (pack_p_fragments): a[k][i] is
+// row local_row[i % 2], column pair 2 k + i / 2 (factor 1).
+__device__ __forceinline__ void store_p_fragments(const uint32_t (&a)[kPvSteps][4], uint32_t tile,
+                                                  const MathThread& mt) {
+#pragma unroll
+  for (int k = 0; k < kPvSteps; ++k)
+#pragma unroll
+    for (int i = 0; i < 4; ++i)
+      st_shared_u32(tile + wgmma::sw128_offset(mt.local_row[i & 1], 2 * k + (i >> 1)) + 4 * mt.quad_lane, a[k][i]);
 }
 
 // Masks S for the page (tokens at or past keep_below[h] get -inf), returns the
@@ -330,8 +432,23 @@ __device__ __forceinline__ void issue_pv_ss(float (&o)[kORegs], uint32_t smem_ba
   wgmma::commit();
 }
 
+// Before an SS PV on the other warpgroup's page: its V tiles of `half` landed
+// long ago (the owner's QK waited for them); this warpgroup's own wait
+// acquires them (and, for v1, the fence makes the copies visible to wgmma).
+template <Variant kVariant>
+__device__ __forceinline__ void acquire_v_half(uint32_t smem_base, int stage, int half, int parity) {
+  if constexpr (kVariant == Variant::kCpAsyncArrive) {
+    wgmma::mbarrier_wait(full_barrier(smem_base, stage, half), parity);
+    wgmma::fence_proxy_async_shared();
+  } else {
+#pragma unroll
+    for (int t = 0; t < kVTilesPerWarpGroup; ++t)
+      wgmma::mbarrier_wait(tile_full_barrier(smem_base, stage, kVTilesPerWarpGroup * half + t), parity);
+  }
+}
+
 // Math warpgroup kGroup's walk over the CTA's pieces (see the top of the file).
-template <int kGroup>
+template <Variant kVariant, int kGroup>
 __device__ __forceinline__ void run_math(const DecodeKernelParams& p, const SchedulePart& part, uint32_t smem_base,
                                          uint8_t* smem, const MathThread& mt, int math_thread) {
   constexpr int kOther = 1 - kGroup;
@@ -383,9 +500,9 @@ __device__ __forceinline__ void run_math(const DecodeKernelParams& p, const Sche
     // The own page of the first pair.
     int own_valid = 0;
     if (kGroup < pages) {
-      issue_qk_half<kGroup>(s, smem_base, kGroup, kGroup, uses[kGroup] & 1, true);
+      issue_qk_half<kVariant>(s, smem_base, kGroup, kGroup, uses[kGroup] & 1, true);
       own_valid = valid_slot[kGroup];
-      issue_qk_half<kGroup>(s, smem_base, kGroup, kOther, uses[kGroup] & 1, false);
+      issue_qk_half<kVariant>(s, smem_base, kGroup, kOther, uses[kGroup] & 1, false);
     }
     wgmma::wait<0>();
     wgmma::fence_registers(s);
@@ -439,8 +556,7 @@ __device__ __forceinline__ void run_math(const DecodeKernelParams& p, const Sche
         for (int h = 0; h < 2; ++h) row_sum[h] *= alpha_b[h];
         if (has_b) {
           // Completed already (WG1's QK waited it); the wait acquires the copies.
-          wgmma::mbarrier_wait(full_barrier(smem_base, 1, 0), parity_b);
-          wgmma::fence_proxy_async_shared();
+          acquire_v_half<kVariant>(smem_base, 1, 0, parity_b);
           issue_pv_ss<0>(o, smem_base, 1);
         }
       } else {
@@ -465,18 +581,23 @@ __device__ __forceinline__ void run_math(const DecodeKernelParams& p, const Sche
         if (has_b) {
           exponentiate(s, m_b, scale_log2, sum);
           pack_p_fragments(s, a_frag);
-          const float one[2] = {1.0f, 1.0f};
-          store_p_tile(s, one, own_p_tile, mt);
-          wgmma::fence_proxy_async_shared();
-          issue_pv_rs<1>(o, a_frag, smem_base, 1);
+          if constexpr (kVariant == Variant::kTmaEarlyPv) {
+            issue_pv_rs<1>(o, a_frag, smem_base, 1);
+            store_p_fragments(a_frag, own_p_tile, mt);
+            wgmma::fence_proxy_async_shared();
+          } else {
+            const float one[2] = {1.0f, 1.0f};
+            store_p_tile(s, one, own_p_tile, mt);
+            wgmma::fence_proxy_async_shared();
+            issue_pv_rs<1>(o, a_frag, smem_base, 1);
+          }
         }
 #pragma unroll
         for (int h = 0; h < 2; ++h) row_sum[h] = fmaf(row_sum[h], alpha[h], sum[h]);
 
         // ---- O_1 += P_a' V_a ----
         wgmma::named_barrier_sync(kPaReady, kMathThreads);
-        wgmma::mbarrier_wait(full_barrier(smem_base, 0, 1), parity_a);  // completed already; acquires the copies
-        wgmma::fence_proxy_async_shared();
+        acquire_v_half<kVariant>(smem_base, 0, 1, parity_a);  // completed already
         issue_pv_ss<1>(o, smem_base, 0);
         wgmma::named_barrier_arrive(kPbReady, kMathThreads);
         if (has_b) {
@@ -492,14 +613,14 @@ __device__ __forceinline__ void run_math(const DecodeKernelParams& p, const Sche
       if constexpr (kGroup == 0) {
         // Groups in flight: PV b (if has_b), then QK's first half.
         if (has_next_own) {
-          issue_qk_half<0>(s, smem_base, 0, 0, next_parity, true);
+          issue_qk_half<kVariant>(s, smem_base, 0, 0, next_parity, true);
           own_valid = valid_slot[0];
           wgmma::wait<1>();
         } else {
           wgmma::wait<0>();
         }
         if (has_b) wgmma::mbarrier_arrive(empty_barrier(smem_base, 1, 0));
-        if (has_next_own) issue_qk_half<0>(s, smem_base, 0, 1, next_parity, false);
+        if (has_next_own) issue_qk_half<kVariant>(s, smem_base, 0, 1, next_parity, false);
         wgmma::wait<0>();
         wgmma::fence_registers(o);
         wgmma::fence_registers(s);
@@ -508,9 +629,9 @@ __device__ __forceinline__ void run_math(const DecodeKernelParams& p, const Sche
         wgmma::fence_registers(o);
         wgmma::mbarrier_arrive(empty_barrier(smem_base, 0, 1));
         if (has_next_own) {
-          issue_qk_half<1>(s, smem_base, 1, 1, next_parity, true);
+          issue_qk_half<kVariant>(s, smem_base, 1, 1, next_parity, true);
           own_valid = valid_slot[1];
-          issue_qk_half<1>(s, smem_base, 1, 0, next_parity, false);
+          issue_qk_half<kVariant>(s, smem_base, 1, 0, next_parity, false);
         }
         wgmma::wait<0>();
         wgmma::fence_registers(s);
@@ -540,7 +661,12 @@ __device__ __forceinline__ void run_math(const DecodeKernelParams& p, const Sche
   }
 }
 
-__global__ void __launch_bounds__(kThreads, 1) mla_decode_bf16_wgmma_kernel(const DecodeKernelParams p) {
+// kv_map: v3's 2D TMA map of the cache pool, [num_pages * 64 rows x 576 bf16]
+// in boxes of 64 x 64 with the 128-byte swizzle (decode_bf16_wgmma.cu);
+// unused by v1 / v2.
+template <Variant kVariant>
+__global__ void __launch_bounds__(kThreads, 1)
+    mla_decode_bf16_wgmma_kernel(const DecodeKernelParams p, const __grid_constant__ CUtensorMap kv_map) {
   extern __shared__ __align__(1024) uint8_t smem_raw[];
   // The swizzle is a function of address bits 4..9, so tiles start 1024-byte aligned.
   const uint32_t raw_base = smem_address(smem_raw);
@@ -553,17 +679,27 @@ __global__ void __launch_bounds__(kThreads, 1) mla_decode_bf16_wgmma_kernel(cons
   const SchedulePart part = load_schedule_part(p.tile_scheduler_metadata, blockIdx.y);
 
   if (tid == 0) {
-    for (int stage = 0; stage < 2; ++stage)
+    for (int stage = 0; stage < 2; ++stage) {
       for (int half = 0; half < 2; ++half) {
-        wgmma::mbarrier_init(full_barrier(smem_base, stage, half), kProducerThreads + 1);
+        if constexpr (kVariant == Variant::kCpAsyncArrive)
+          wgmma::mbarrier_init(full_barrier(smem_base, stage, half), kProducerThreads + 1);
         wgmma::mbarrier_init(empty_barrier(smem_base, stage, half), 128);
       }
+      if constexpr (kVariant != Variant::kCpAsyncArrive)
+        for (int tile = 0; tile < kTiles; ++tile) wgmma::mbarrier_init(tile_full_barrier(smem_base, stage, tile), 1);
+    }
+    // The barriers' initialization, for the TMA unit's complete_tx.
+    if constexpr (uses_tma(kVariant)) asm volatile("fence.mbarrier_init.release.cluster;\n" ::: "memory");
   }
   __syncthreads();  // the last CTA-wide barrier: from here on the roles synchronise apart
 
   if (warp_group == 2) {
     wgmma::set_max_registers_decrease<kProducerRegisters>();
-    run_producer(p, part, smem_base, smem, tid - kMathThreads);
+    if constexpr (kVariant == Variant::kCpAsyncArrive) {
+      run_producer(p, part, smem_base, smem, tid - kMathThreads);
+    } else {
+      run_producer_fenced<uses_tma(kVariant)>(p, part, smem_base, smem, tid - kMathThreads, &kv_map);
+    }
     return;
   }
   wgmma::set_max_registers_increase<kMathRegisters>();
@@ -573,9 +709,9 @@ __global__ void __launch_bounds__(kThreads, 1) mla_decode_bf16_wgmma_kernel(cons
   mt.local_row[0] = 16 * group_warp + (lane >> 2);
   mt.local_row[1] = mt.local_row[0] + 8;
   if (warp_group == 0) {
-    run_math<0>(p, part, smem_base, smem, mt, tid);
+    run_math<kVariant, 0>(p, part, smem_base, smem, mt, tid);
   } else {
-    run_math<1>(p, part, smem_base, smem, mt, tid);
+    run_math<kVariant, 1>(p, part, smem_base, smem, mt, tid);
   }
 }
 

@@ -15,7 +15,7 @@
 //
 // Owner of page n (warpgroup n % 2):
 //   QK   S[64 rows x 64 tokens] fp32: bf16 m64n64k16 x 4 over the RoPE dims
-//        into S, e4m3 m64n64k32 over the NoPE dims in 4 chunks of 128 dims,
+//        into S, e4m3 m64n64k32 over the NoPE dims in 2 chunks of 256 dims,
 //        each into a fresh fragment T added to S in fp32 (Hopper's fp8 MMA
 //        keeps fewer than fp32's accumulator bits; DeepGEMM's promotion).
 //   softmax on the page alone: x = S q_scale k_scale scale_log2 (log2 units),
@@ -67,7 +67,8 @@ namespace snapmla::cuda::sm90::wgmma_decode {
 
 // The producer's V^T build issues this many ldmatrix.x4 before their permutes
 // and stores (v6; ptxas cannot hoist an ldmatrix above an earlier st.shared).
-inline constexpr int kVtLoadsInFlight = 8;
+// v6 had 8 (56 producer registers); 4 measured the same.
+inline constexpr int kVtLoadsInFlight = 4;
 
 inline constexpr int kRows = 64;  // the wgmma M
 inline constexpr int kWarpGroups = 2;  // math warpgroups
@@ -75,23 +76,22 @@ inline constexpr int kMathThreads = kWarpGroups * 128;
 inline constexpr int kProducerThreads = 128;
 inline constexpr int kThreads = kMathThreads + kProducerThreads;
 inline constexpr int kWarps = kMathThreads / 32;  // the V^T walk's (virtual) warps
-// setmaxnreg budgets: 128 x producer + 256 x math <= 64 K registers. The L2
-// prefetcher's extra page cursor needs 64 producer registers (math 216, its
-// page loop peaks at R210); without it 56 / 224.
-template <bool kL2Prefetch>
-inline constexpr int kProducerRegisters = kL2Prefetch ? 64 : 56;
-template <bool kL2Prefetch>
-inline constexpr int kMathRegisters = kL2Prefetch ? 216 : 224;
-static_assert(kProducerThreads * kProducerRegisters<true> + kMathThreads * kMathRegisters<true> <= 64 * 1024 &&
-                  kProducerThreads * kProducerRegisters<false> + kMathThreads * kMathRegisters<false> <= 64 * 1024,
-              "setmaxnreg budgets exceed the register file");
+// setmaxnreg budgets. The CTA's pool is what it was launched with: 384
+// threads x 168 registers (65536 / 384 rounded down to a multiple of 8), not
+// 64 K: a budget beyond it makes the math warpgroups' setmaxnreg.inc wait
+// forever (a v8 try, 48 / 232, hung). Both regions are spill-free.
+inline constexpr int kLaunchRegisters = 65536 / kThreads / 8 * 8;
+inline constexpr int kProducerRegisters = 56;
+inline constexpr int kMathRegisters = 224;
+static_assert(kProducerThreads * kProducerRegisters + kMathThreads * kMathRegisters <= kThreads * kLaunchRegisters,
+              "setmaxnreg budgets exceed the CTA's register pool");
 inline constexpr int kDimsPerWarpGroup = kHeadDimV / kWarpGroups;  // 256 output dims per warpgroup
 inline constexpr int kPvN = 64;                                    // the PV wgmma N
 inline constexpr int kPvSteps = kDimsPerWarpGroup / kPvN;          // PV fragments per page
 inline constexpr int kPvRegs = kPvN / 2;                           // fp32 registers per PV fragment
 inline constexpr int kTileRowBytes = 128;                          // SW128 row
 inline constexpr int kTileBytes = kRows * kTileRowBytes;           // one [64 x 128 B] tile
-inline constexpr int kNopeTiles = kNopeDim / kTileRowBytes;        // 4 QK chunks
+inline constexpr int kNopeTiles = kNopeDim / kTileRowBytes;        // 4 SW128 tiles
 inline constexpr int kNopeChunks = kNopeDim / 16;                  // 16-byte chunks per NoPE row
 inline constexpr int kRopeChunks = kRopeDim * 2 / 16;              // per RoPE row
 inline constexpr int kVtRowBytes = kPageSize;                      // e4m3 tokens per V^T row
@@ -102,7 +102,7 @@ inline constexpr float kNegInf = -__builtin_huge_valf();
 inline constexpr float kLazyRescaleLog2 = 8.0f;
 static_assert(kPageSize == 64 && kRows == 64, "tile shapes assume 64-token pages and 64-row CTAs");
 static_assert(kRopeDim * 2 == kTileRowBytes, "a RoPE row must be one SW128 row");
-static_assert(kVtRowBytes == 64, "V^T rows must be one SW64 row");
+static_assert(kVtRowBytes == 64, "V^T rows must be one SW64 row (and the odd row's offset bit 6)");
 
 // Two of each per-page buffer: page n uses number n % 2, and the owner of
 // page n is math warpgroup n % 2 (three stages plus two V^T buffers exceed 227 KB).
@@ -166,17 +166,30 @@ __device__ __forceinline__ uint32_t nope_offset(int row, int chunk) {
 // ^ (row % 8) = ((c0 ^ row % 8) ^ 4 (step % 2)): bit 6 of the offset flips with
 // the step's parity. It writes V^T rows d = 32 (warp / 4) + 64 step + 16 h + 2p
 // (+1), whose SW64 phase (d / 2) % 4 = p % 4 does not depend on the step.
+//
+// Bank conflicts (v8): V^T rows 2p are 128 B apart, so with every lane
+// storing dim 2p first, pairs p and p + 4 (same SW64 phase p % 4) hit the
+// same bank (2-way, half the banks idle). Lanes with p >= 4 store dim 2p + 1
+// first: an odd row is 16 words further, so the first store of lanes p < 4
+// covers banks 0-15 and of lanes p >= 4 banks 16-31, and likewise the second.
+// The second store's offset and selector are the first's ^ 64 (rows 2p and
+// 2p + 1; bit 6 of an even row's offset is 0) and ^ 0x1111 (0x6420 <-> 0x7531).
 struct VtThreadOffsets {
   uint32_t k_read;    // even steps' ldmatrix offset in the K8 stack
-  uint32_t vt_write;  // offset in V^T of step 0, h 0, dim 2p
+  uint32_t vt_write;  // offset in V^T of step 0, h 0 of the first store (dim 2p, or 2p + 1)
+  uint32_t perm_1st;  // prmt selector giving the first store's bytes (0x6420: dim 2p, 0x7531: 2p + 1)
 };
 __device__ __forceinline__ VtThreadOffsets vt_thread_offsets(int warp, int lane) {
   const int row = 16 * (warp & 3) + (lane & 7) + 8 * ((lane >> 3) & 1);
   const int c0 = 2 * (warp >> 2) + (lane >> 4);
   const int pair = lane >> 2;
+  const bool odd_first = pair >= 4;
   VtThreadOffsets o;
   o.k_read = wgmma::sw128_offset(row, c0);
-  o.vt_write = wgmma::sw64_offset(32 * (warp >> 2) + 2 * pair, warp & 3) + 4 * (lane & 3);
+  const uint32_t even_dim = wgmma::sw64_offset(32 * (warp >> 2) + 2 * pair, warp & 3) + 4 * (lane & 3);
+  // Rows 2p and 2p + 1 share the SW64 phase ((row / 2) % 4), so the odd one is 64 B further.
+  o.vt_write = odd_first ? even_dim + kVtRowBytes : even_dim;
+  o.perm_1st = odd_first ? 0x7531u : 0x6420u;
   return o;
 }
 inline constexpr int kVtUnits = (kPageSize / 16) * (kNopeDim / 32);  // 64
@@ -203,24 +216,36 @@ __device__ __forceinline__ void build_vt_steps(uint32_t k_tiles, uint32_t vt, co
       const int step = step0 + i;
 #pragma unroll
       for (int h = 0; h < 2; ++h) {
-        const uint32_t dst = vt + o.vt_write + (64 * step + 16 * h) * kVtRowBytes;
-        st_shared_u32(dst, byte_perm(r[i][2 * h], r[i][2 * h + 1], 0x6420));
-        st_shared_u32(dst + kVtRowBytes, byte_perm(r[i][2 * h], r[i][2 * h + 1], 0x7531));
+        const uint32_t rows = vt + (64 * step + 16 * h) * kVtRowBytes;
+        st_shared_u32(rows + o.vt_write, byte_perm(r[i][2 * h], r[i][2 * h + 1], o.perm_1st));
+        st_shared_u32(rows + (o.vt_write ^ kVtRowBytes), byte_perm(r[i][2 * h], r[i][2 * h + 1], o.perm_1st ^ 0x1111u));
       }
     }
   }
 }
 static_assert(kVtSteps % kVtLoadsInFlight == 0, "V^T load batches must split a virtual warp's steps");
 
-// Issues the 4 e4m3 k steps of NoPE chunk `chunk` for the page's 64 tokens
-// into the fresh fragment t, from descriptor low words (wgmma::desc_at) of Q8
-// and of the stage's K8.
-__device__ __forceinline__ void issue_qk_chunk(float (&t)[kSRegs], uint32_t q_desc, uint32_t k_desc, int chunk) {
+// QK's fp32 promotion interval: the NoPE dot product is accumulated by the
+// fp8 tensor core over kQkPromotionTiles x 128 dims (8 k steps) into a fresh
+// fragment, then added to S in fp32 (Hopper's fp8 MMA keeps fewer than
+// fp32's accumulator bits; DeepGEMM promotes every 128). v10: 256 instead of
+// 128 halves the owner's serial wait-add round trips per page (4 -> 2; the
+// ablation run in docs/perf-notes.md put all four at ~12% of the page time);
+// the kernel-vs-emulation error is checked by the GPU tests.
+inline constexpr int kQkPromotionTiles = 2;
+inline constexpr int kQkChunks = kNopeTiles / kQkPromotionTiles;
+static_assert(kNopeTiles % kQkPromotionTiles == 0, "promotion chunks must split the NoPE tiles");
+
+// Issues the 4 e4m3 k steps of NoPE tile `tile` (128 dims) for the page's 64
+// tokens into t (accumulating unless it is the first tile of a chunk), from
+// descriptor low words (wgmma::desc_at) of Q8 and of the stage's K8.
+__device__ __forceinline__ void issue_qk_tile(float (&t)[kSRegs], uint32_t q_desc, uint32_t k_desc, int tile) {
 #pragma unroll
   for (int k = 0; k < kTileRowBytes / 32; ++k) {
-    const uint32_t offset = chunk * kTileBytes + 32 * k;
+    const uint32_t offset = tile * kTileBytes + 32 * k;
     wgmma::mma_64x64x32_e4m3_ss(t, wgmma::desc_at(q_desc, offset, wgmma::Swizzle::k128B),
-                                wgmma::desc_at(k_desc, offset, wgmma::Swizzle::k128B), k > 0);
+                                wgmma::desc_at(k_desc, offset, wgmma::Swizzle::k128B),
+                                k > 0 || tile % kQkPromotionTiles != 0);
   }
 }
 
@@ -289,26 +314,20 @@ __device__ __forceinline__ int load_page(const DecodeKernelParams& p, const Sequ
 // Producer warpgroup (thread = 0..127): for the CTA's n-th page (all pieces
 // in order, n counted from 0), stage, V^T buffer n % 2 and phase parity
 // (n / 2) % 2:
-//   wait stage full (the page's copies landed) and V^T empty (both math
+//   wait stage full (the page's copies landed: each copier arrives through
+//   cp.async.mbarrier.arrive.noinc when its copies land, plus thread 0 after
+//   writing the valid-token count, so nobody waits for copies; the owner
+//   fences to the async proxy after its wait) and V^T empty (both math
 //   warpgroups done with the PV of page n - 2) -> build V^T -> fence -> arrive
 //   on V^T full (128) -> producer barrier (every copier is done reading the
 //   stage) -> wait stage empty (the owner's QK read it, 128 arrivals) -> copy
-//   page n + 2 into it. The page's valid-token count goes next to its scales
-//   (thread 0, st.shared before its arrive), for the owner's mask.
-// Two ways to signal "landed" (kAsyncArrive):
-//   false (v7): one cp.async group per page; the producer waits for page n's
-//     group at the top of iteration n, fences to the async proxy and arrives
-//     (128), so a late V^T build or stage-empty wait also delays stage full;
-//   true (v8): each copier arrives through cp.async.mbarrier.arrive.noinc
-//     when its copies land (+1 for thread 0's valid count), nobody waits for
-//     copies, and the owner fences to the async proxy after its wait.
-// kL2Prefetch: pages kL2PrefetchPages ahead of the page being transposed are
-// prefetched into L2 (cp.async.bulk.prefetch), so that the copy two pages
-// ahead meets L2, not DRAM.
-inline constexpr int kL2PrefetchPages = 4;
+//   page n + 2 into it.
+// (v7 waited for its own copies at the top of each iteration, so a late V^T
+// build or stage-empty wait also delayed stage full: 0-5% slower.)
+// Prefetching pages 4 ahead into L2 (cp.async.bulk.prefetch, block-table
+// entries resolved an iteration early) was 2-4% slower (v9 notes): the page
+// time is not the copies' latency.
 inline constexpr int kProducerBarrier = 2;  // named barrier id (the math warpgroups use 1)
-inline constexpr int kPrefetchThread = 96;  // warp 3's lane 0: its block-table loads stall no copier's address math
-template <bool kAsyncArrive, bool kL2Prefetch>
 __device__ __forceinline__ void run_producer(const DecodeKernelParams& p, const SchedulePart& part,
                                              uint32_t smem_base, uint8_t* smem, int thread) {
   const int warp = thread >> 5, lane = thread & 31;
@@ -316,38 +335,20 @@ __device__ __forceinline__ void run_producer(const DecodeKernelParams& p, const 
   auto stage_full = [&](int stage) { return smem_base + Smem::kStageFull + 8 * stage; };
   auto copy_resolved = [&](int64_t physical, int valid, int stage) {
     load_resolved_page<kProducerThreads>(p, physical, valid, stage_base(stage), thread);
-    if (thread == 0) *reinterpret_cast<int*>(smem + Smem::kStage0 + stage * Smem::kStageBytes + Smem::kStageValid) = valid;
-    if constexpr (kAsyncArrive) {
-      cp_async_arrive_noinc(stage_full(stage));
-      if (thread == 0) wgmma::mbarrier_arrive(stage_full(stage));
+    cp_async_arrive_noinc(stage_full(stage));
+    if (thread == 0) {
+      *reinterpret_cast<int*>(smem + Smem::kStage0 + stage * Smem::kStageBytes + Smem::kStageValid) = valid;
+      wgmma::mbarrier_arrive(stage_full(stage));
     }
-  };
-  auto prefetch = [&](const PageCursor& c) {
-    int64_t physical;
-    if (resolve_page(p, c.piece, c.page, false, &physical) == 0) return;
-    prefetch_l2(p.kv_nope + physical * kPageSize * kNopeDim, kPageSize * kNopeDim);
-    prefetch_l2(p.kv_rope + physical * kPageSize * kRopeDim, kPageSize * kRopeDim * 2);
-    prefetch_l2(p.kv_scale + physical * kPageSize, kPageSize * 4);
   };
   PageCursor compute = first_page(p, part);
   PageCursor ahead = compute;
 #pragma unroll 1
-  for (int n = 0; n < kStages; ++n) {
-    if (has_page(part, ahead)) {
-      int64_t physical;
-      const int valid = resolve_page(p, ahead.piece, ahead.page, thread == 0, &physical);
-      copy_resolved(physical, valid, n);
-      next_page(p, part, ahead);
-    }
-    if constexpr (!kAsyncArrive) cp_async_commit();
-  }
-  PageCursor l2_ahead = ahead;  // page kStages
-  if constexpr (kL2Prefetch) {
-#pragma unroll 1
-    for (int n = kStages; n < kL2PrefetchPages && has_page(part, l2_ahead); ++n) {
-      if (thread == kPrefetchThread) prefetch(l2_ahead);
-      next_page(p, part, l2_ahead);
-    }
+  for (int n = 0; n < kStages && has_page(part, ahead); ++n) {
+    int64_t physical;
+    const int valid = resolve_page(p, ahead.piece, ahead.page, thread == 0, &physical);
+    copy_resolved(physical, valid, n);
+    next_page(p, part, ahead);
   }
 #pragma unroll 1
   for (int n = 0; has_page(part, compute); ++n, next_page(p, part, compute)) {
@@ -358,11 +359,6 @@ __device__ __forceinline__ void run_producer(const DecodeKernelParams& p, const 
     int64_t ahead_physical = 0;
     int ahead_valid = 0;
     if (copy_ahead) ahead_valid = resolve_page(p, ahead.piece, ahead.page, thread == 0, &ahead_physical);
-    if constexpr (!kAsyncArrive) {
-      cp_async_wait<kStages - 1>();
-      wgmma::fence_proxy_async_shared();
-      wgmma::mbarrier_arrive(stage_full(stage));
-    }
     wgmma::mbarrier_wait(stage_full(stage), (n / kStages) & 1);
     if (n >= 2) wgmma::mbarrier_wait(smem_base + Smem::kVtEmpty + 8 * vt_buffer, ((n >> 1) - 1) & 1);
     const uint32_t vt = smem_base + Smem::kVt + vt_buffer * Smem::kVtBytes;
@@ -373,22 +369,15 @@ __device__ __forceinline__ void run_producer(const DecodeKernelParams& p, const 
                                        kVtSteps);
     wgmma::fence_proxy_async_shared();
     wgmma::mbarrier_arrive(smem_base + Smem::kVtFull + 8 * vt_buffer);
-    if constexpr (kL2Prefetch) {
-      if (thread == kPrefetchThread && has_page(part, l2_ahead)) prefetch(l2_ahead);
-      if (has_page(part, l2_ahead)) next_page(p, part, l2_ahead);
-    }
     if (copy_ahead) {
       wgmma::named_barrier_sync(kProducerBarrier, kProducerThreads);  // nobody reads the stage any more
       wgmma::mbarrier_wait(smem_base + Smem::kStageEmpty + 8 * stage, (n / kStages) & 1);
       copy_resolved(ahead_physical, ahead_valid, stage);
       next_page(p, part, ahead);
     }
-    if constexpr (!kAsyncArrive) cp_async_commit();
   }
-  if constexpr (!kAsyncArrive) cp_async_wait<0>();
 }
 
-template <bool kAsyncArrive, bool kL2Prefetch>
 __global__ void __launch_bounds__(kThreads, 1) mla_decode_fp8_wgmma_kernel(const DecodeKernelParams p) {
   extern __shared__ __align__(1024) uint8_t smem_raw[];
   // The swizzle is a function of address bits 4..9, so tiles start 1024-byte aligned.
@@ -411,8 +400,7 @@ __global__ void __launch_bounds__(kThreads, 1) mla_decode_fp8_wgmma_kernel(const
 
   if (tid == 0) {
     for (int i = 0; i < 2; ++i) {
-      // v8: the copiers' async arrivals and thread 0's (valid count); v7: the producer's 128.
-      wgmma::mbarrier_init(smem_base + Smem::kStageFull + 8 * i, kProducerThreads + (kAsyncArrive ? 1 : 0));
+      wgmma::mbarrier_init(smem_base + Smem::kStageFull + 8 * i, kProducerThreads + 1);  // copiers + valid count
       wgmma::mbarrier_init(smem_base + Smem::kStageEmpty + 8 * i, 128);  // the page's owner
       wgmma::mbarrier_init(smem_base + Smem::kVtFull + 8 * i, kProducerThreads);
       wgmma::mbarrier_init(smem_base + Smem::kVtEmpty + 8 * i, kMathThreads);
@@ -422,11 +410,11 @@ __global__ void __launch_bounds__(kThreads, 1) mla_decode_fp8_wgmma_kernel(const
   }
   __syncthreads();  // the last CTA-wide barrier: from here on the roles synchronise apart
   if (warp_group == kWarpGroups) {
-    wgmma::set_max_registers_decrease<kProducerRegisters<kL2Prefetch>>();
-    run_producer<kAsyncArrive, kL2Prefetch>(p, part, smem_base, smem, tid - kMathThreads);
+    wgmma::set_max_registers_decrease<kProducerRegisters>();
+    run_producer(p, part, smem_base, smem, tid - kMathThreads);
     return;
   }
-  wgmma::set_max_registers_increase<kMathRegisters<kL2Prefetch>>();
+  wgmma::set_max_registers_increase<kMathRegisters>();
   // Barrier of the two math warpgroups (the producer never joins one).
   auto math_sync = [] { wgmma::named_barrier_sync(1, kMathThreads); };
 
@@ -471,9 +459,9 @@ __global__ void __launch_bounds__(kThreads, 1) mla_decode_fp8_wgmma_kernel(const
     auto score_page = [&](int n, int page) {
       const uint32_t stage_base = smem_base + Smem::kStage0 + (n & 1) * Smem::kStageBytes;
       wgmma::mbarrier_wait(barrier(Smem::kStageFull, n), parity(n));
-      // v8: the copies were cp.async writes (generic proxy), nobody fenced them, and wgmma reads
+      // The copies were cp.async writes (generic proxy), nobody fenced them, and wgmma reads
       // through the async proxy.
-      if constexpr (kAsyncArrive) wgmma::fence_proxy_async_shared();
+      wgmma::fence_proxy_async_shared();
       float s[kSRegs], t[kSRegs];
 #pragma unroll
       for (int i = 0; i < kSRegs; ++i) s[i] = t[i] = 0.0f;
@@ -485,20 +473,25 @@ __global__ void __launch_bounds__(kThreads, 1) mla_decode_fp8_wgmma_kernel(const
         wgmma::mma_64x64x16_bf16_ss(s, wgmma::desc_at(q_rope_desc, 32 * k, wgmma::Swizzle::k128B),
                                     wgmma::desc_at(stage_desc, Smem::kStageRope + 32 * k, wgmma::Swizzle::k128B),
                                     k > 0);
-      issue_qk_chunk(t, q_desc, stage_desc, 0);
-      wgmma::commit();
+      // NoPE in kQkChunks chunks of kQkPromotionTiles * 128 dims, each into
+      // the fresh fragment T, then added to S in fp32.
+      auto issue_nope_chunk = [&](int chunk) {
 #pragma unroll
-      for (int chunk = 0; chunk < kNopeTiles; ++chunk) {
+        for (int tile = 0; tile < kQkPromotionTiles; ++tile) issue_qk_tile(t, q_desc, stage_desc, chunk * kQkPromotionTiles + tile);
+        wgmma::commit();
+      };
+      issue_nope_chunk(0);
+#pragma unroll
+      for (int chunk = 0; chunk < kQkChunks; ++chunk) {
         wgmma::wait<0>();
         wgmma::fence_registers(s);
         wgmma::fence_registers(t);
 #pragma unroll
         for (int i = 0; i < kSRegs; ++i) s[i] += t[i];
-        if (chunk + 1 < kNopeTiles) {
+        if (chunk + 1 < kQkChunks) {
           wgmma::fence_registers(t);
           wgmma::fence();
-          issue_qk_chunk(t, q_desc, stage_desc, chunk + 1);
-          wgmma::commit();
+          issue_nope_chunk(chunk + 1);
         }
       }
       // s[4 j + c]: row local_row[c / 2], page token 8 j + 2 (lane % 4) + (c & 1).
@@ -612,6 +605,8 @@ __global__ void __launch_bounds__(kThreads, 1) mla_decode_fp8_wgmma_kernel(const
         for (int i = 0; i < 128; ++i) acc[i] *= rescale_by[(i >> 1) & 1];
       }
       wgmma::mbarrier_wait(barrier(Smem::kVtFull, n), parity(n));
+      // P^ from shared memory (SS). Loading it into registers as the A
+      // operand (RS) measured the same (v8 notes) and costs 8 registers.
       const uint32_t p_page = p_desc + (((n & 1) * Smem::kPTileBytes) >> 4);
       const uint32_t vt_page = vt_desc + (((n & 1) * Smem::kVtBytes) >> 4);
       float product[2][kPvRegs];

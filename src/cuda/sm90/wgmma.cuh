@@ -18,6 +18,7 @@
 //    iterator and DeepGEMM do).
 #pragma once
 
+#include <cuda.h>
 #include <cuda_runtime.h>
 
 #include <cstdint>
@@ -254,6 +255,33 @@ __device__ __forceinline__ void mma_64x256x16_bf16_ss_mn(float (&d)[128], uint64
                                                          bool accumulate) {
   detail::ss<cute::SM90::GMMA::MMA_64x256x16_F32BF16BF16_SS<gmma::Major::K, gmma::Major::MN>>(
       d, desc_a, desc_b, detail::scale_out(accumulate), std::make_index_sequence<128>{});
+}
+
+// ---- tensor memory access (TMA) for the bf16 decode kernel ----
+// Arrives on the mbarrier at `bar` (release, like mbarrier_arrive) and adds
+// `bytes` to the transaction count its current phase waits for: the phase
+// completes once every arrival came and that many bytes of asynchronous
+// copies (tma_load_2d on `bar`) have landed.
+__device__ __forceinline__ void mbarrier_arrive_expect_tx(uint32_t bar, uint32_t bytes) {
+  asm volatile("mbarrier.arrive.expect_tx.release.cta.shared::cta.b64 _, [%0], %1;\n" ::"r"(bar), "r"(bytes)
+               : "memory");
+}
+// Copies the box at element coordinates (x: innermost, y) of the 2D tensor
+// map `tensor_map` (a __grid_constant__ kernel parameter: its generic
+// address) to shared memory at `dst` (laid out, and swizzled, as the map
+// says), completing `bytes` on the mbarrier `bar`. The copy writes through
+// the async proxy, so a waiter of `bar` may hand the tile to wgmma without a
+// proxy fence.
+__device__ __forceinline__ void tma_load_2d(uint32_t dst, const CUtensorMap* tensor_map, int x, int y, uint32_t bar) {
+  asm volatile(
+      "cp.async.bulk.tensor.2d.shared::cluster.global.mbarrier::complete_tx::bytes [%0], [%1, {%2, %3}], [%4];\n" ::"r"(
+          dst),
+      "l"(reinterpret_cast<uint64_t>(tensor_map)), "r"(x), "r"(y), "r"(bar)
+      : "memory");
+}
+// Brings the tensor map into the TMA unit's descriptor cache ahead of its first use.
+__device__ __forceinline__ void prefetch_tensor_map(const CUtensorMap* tensor_map) {
+  asm volatile("prefetch.tensormap [%0];\n" ::"l"(reinterpret_cast<uint64_t>(tensor_map)) : "memory");
 }
 
 }  // namespace snapmla::cuda::sm90::wgmma
