@@ -18,6 +18,7 @@
 #include <optional>
 #include <random>
 #include <string>
+#include <utility>
 #include <vector>
 
 #include "core/numeric.h"
@@ -609,6 +610,20 @@ TEST(CudaDecodeWgmma, Bf16OneTileDiagnostics) {
   diagnose_one_tile(64, 300, 1205, KvFormat::kBF16);  // 5 pages: stage reuse, a last pair without page b
 }
 
+// The same decode on the mma.sync kernel, then on the wgmma kernel.
+std::pair<reference::DecodeResult, reference::DecodeResult> run_mma_and_wgmma(GpuDecode& decode) {
+  std::pair<reference::DecodeResult, reference::DecodeResult> results;
+  {
+    ScopedDecodeKernel use(DecodeKernelChoice::kMma);
+    results.first = decode.run();
+  }
+  {
+    ScopedDecodeKernel use(DecodeKernelChoice::kWgmma);
+    results.second = decode.run();
+  }
+  return results;
+}
+
 // Both kernels do the same arithmetic except for summation order and the fp8
 // MMA's ~13-bit partial sums (inside a 128-dim QK chunk, a page's PV), which
 // occasionally flip an e4m3 rounding of P: the same inputs must give nearly
@@ -617,15 +632,7 @@ TEST(CudaDecodeWgmma, Bf16OneTileDiagnostics) {
 TEST(CudaDecodeWgmma, MatchesMmaKernel) {
   SKIP_WITHOUT_HOPPER();
   GpuDecode decode(make_spec(3, 2, 64, {1000, 64, 333}, Distribution::kGaussian, 1100), KvFormat::kFP8);
-  reference::DecodeResult mma, wgmma;
-  {
-    ScopedDecodeKernel use(DecodeKernelChoice::kMma);
-    mma = decode.run();
-  }
-  {
-    ScopedDecodeKernel use(DecodeKernelChoice::kWgmma);
-    wgmma = decode.run();
-  }
+  const auto [mma, wgmma] = run_mma_and_wgmma(decode);
   const reference::ErrorStats out = reference::compare(wgmma.out, mma.out);
   const reference::ErrorStats lse = reference::compare_lse(wgmma.lse, mma.lse);
   const double lse_err = lse_scaled_error(wgmma.lse, mma.lse);
@@ -645,15 +652,7 @@ TEST(CudaDecodeWgmma, MatchesMmaKernel) {
 TEST(CudaDecodeWgmma, Bf16MatchesMmaKernel) {
   SKIP_WITHOUT_HOPPER();
   GpuDecode decode(make_spec(3, 2, 64, {1000, 64, 333}, Distribution::kGaussian, 1300), KvFormat::kBF16);
-  reference::DecodeResult mma, wgmma;
-  {
-    ScopedDecodeKernel use(DecodeKernelChoice::kMma);
-    mma = decode.run();
-  }
-  {
-    ScopedDecodeKernel use(DecodeKernelChoice::kWgmma);
-    wgmma = decode.run();
-  }
+  const auto [mma, wgmma] = run_mma_and_wgmma(decode);
   const reference::ErrorStats out = reference::compare(wgmma.out, mma.out);
   const reference::ErrorStats lse = reference::compare_lse(wgmma.lse, mma.lse);
   const double lse_err = lse_scaled_error(wgmma.lse, mma.lse);
