@@ -18,7 +18,6 @@
 #include <optional>
 #include <random>
 #include <string>
-#include <utility>
 #include <vector>
 
 #include "core/numeric.h"
@@ -610,57 +609,49 @@ TEST(CudaDecodeWgmma, Bf16OneTileDiagnostics) {
   diagnose_one_tile(64, 300, 1205, KvFormat::kBF16);  // 5 pages: stage reuse, a last pair without page b
 }
 
-// The same decode on the mma.sync kernel, then on the wgmma kernel.
-std::pair<reference::DecodeResult, reference::DecodeResult> run_mma_and_wgmma(GpuDecode& decode) {
-  std::pair<reference::DecodeResult, reference::DecodeResult> results;
+// The same decode (3 sequences, s_q 2, 64 heads: direct and split pieces) on
+// the mma.sync kernel, then on the wgmma kernel: outputs within max_rel_l2
+// and lse within max_lse_err of each other.
+void expect_wgmma_matches_mma(KvFormat format, uint64_t seed, double max_rel_l2, double max_lse_err) {
+  GpuDecode decode(make_spec(3, 2, 64, {1000, 64, 333}, Distribution::kGaussian, seed), format);
+  reference::DecodeResult mma, wgmma;
   {
     ScopedDecodeKernel use(DecodeKernelChoice::kMma);
-    results.first = decode.run();
+    mma = decode.run();
   }
   {
     ScopedDecodeKernel use(DecodeKernelChoice::kWgmma);
-    results.second = decode.run();
+    wgmma = decode.run();
   }
-  return results;
-}
-
-// Both kernels do the same arithmetic except for summation order and the fp8
-// MMA's ~13-bit partial sums (inside a 128-dim QK chunk, a page's PV), which
-// occasionally flip an e4m3 rounding of P: the same inputs must give nearly
-// the same output (the bound of SinglePartMatchesSplitRun, which differs in the
-// same ways), in both the direct and the split path.
-TEST(CudaDecodeWgmma, MatchesMmaKernel) {
-  SKIP_WITHOUT_HOPPER();
-  GpuDecode decode(make_spec(3, 2, 64, {1000, 64, 333}, Distribution::kGaussian, 1100), KvFormat::kFP8);
-  const auto [mma, wgmma] = run_mma_and_wgmma(decode);
   const reference::ErrorStats out = reference::compare(wgmma.out, mma.out);
   const reference::ErrorStats lse = reference::compare_lse(wgmma.lse, mma.lse);
   const double lse_err = lse_scaled_error(wgmma.lse, mma.lse);
-  std::printf("WGMMA-VS-MMA rel_l2=%.3e lse_err=%.3e\n", out.rel_l2, lse_err);
+  std::printf("WGMMA-VS-MMA fmt=%s rel_l2=%.3e lse_err=%.3e\n", format == KvFormat::kFP8 ? "fp8" : "bf16",
+              out.rel_l2, lse_err);
   EXPECT_EQ(out.nonfinite, 0);
   EXPECT_EQ(lse.nonfinite, 0);
-  EXPECT_LE(out.rel_l2, 6e-3);
-  // Each kernel is within kFp8MaxLseErrEmulated of the emulation.
-  EXPECT_LE(lse_err, 2 * kFp8MaxLseErrEmulated);
+  EXPECT_LE(out.rel_l2, max_rel_l2);
+  EXPECT_LE(lse_err, max_lse_err);
+}
+
+// Both kernels do the same arithmetic except for summation order and the fp8
+// MMA's ~13-bit partial sums (inside a 256-dim QK chunk, a page's PV), which
+// occasionally flip an e4m3 rounding of P: the same inputs must give nearly
+// the same output (the bound of SinglePartMatchesSplitRun, which differs in the
+// same ways); each kernel's lse is within kFp8MaxLseErrEmulated of the emulation.
+TEST(CudaDecodeWgmma, MatchesMmaKernel) {
+  SKIP_WITHOUT_HOPPER();
+  expect_wgmma_matches_mma(KvFormat::kFP8, 1100, 6e-3, 2 * kFp8MaxLseErrEmulated);
 }
 
 // bf16: both kernels read the same exact values; they differ in summation
 // order and in where P is rounded to bf16 (the wgmma kernel rounds P_a after
 // rescaling it to the pair's maximum for the second warpgroup), each ~2^-9
 // relative per weight, averaging out: within the bf16 acceptance bound of
-// each other, in both the direct and the split path.
+// each other.
 TEST(CudaDecodeWgmma, Bf16MatchesMmaKernel) {
   SKIP_WITHOUT_HOPPER();
-  GpuDecode decode(make_spec(3, 2, 64, {1000, 64, 333}, Distribution::kGaussian, 1300), KvFormat::kBF16);
-  const auto [mma, wgmma] = run_mma_and_wgmma(decode);
-  const reference::ErrorStats out = reference::compare(wgmma.out, mma.out);
-  const reference::ErrorStats lse = reference::compare_lse(wgmma.lse, mma.lse);
-  const double lse_err = lse_scaled_error(wgmma.lse, mma.lse);
-  std::printf("WGMMA-VS-MMA fmt=bf16 rel_l2=%.3e lse_err=%.3e\n", out.rel_l2, lse_err);
-  EXPECT_EQ(out.nonfinite, 0);
-  EXPECT_EQ(lse.nonfinite, 0);
-  EXPECT_LE(out.rel_l2, kBf16MaxRelL2);
-  EXPECT_LE(lse_err, 2 * kBf16MaxLseErr);
+  expect_wgmma_matches_mma(KvFormat::kBF16, 1300, kBf16MaxRelL2, 2 * kBf16MaxLseErr);
 }
 
 }  // namespace

@@ -3,7 +3,6 @@
 #include <cudaTypedefs.h>
 
 #include <climits>
-#include <cstdlib>
 #include <cstring>
 #include <string>
 
@@ -15,23 +14,6 @@
 namespace snapmla::cuda::sm90 {
 
 namespace {
-using bf16_wgmma_decode::Variant;
-
-// SNAPMLA_BF16_VARIANT=v1|v2|v3|v4 (how pages reach shared memory, see the top of
-// decode_bf16_wgmma_kernel.cuh), for A/B runs on the device. Read once. The
-// default is v4 (TMA, early P.V): measured on the H100 equal to v3 or up to 2%
-// faster in every bench row, 5-20% faster than the cp.async variants
-// (docs/perf-notes.md, bf16 wgmma).
-Variant variant_from_environment() {
-  const char* value = std::getenv("SNAPMLA_BF16_VARIANT");
-  const std::string name = value == nullptr ? "" : value;
-  if (name.empty() || name == "v4") return Variant::kTmaEarlyPv;
-  if (name == "v3") return Variant::kTma;
-  if (name == "v1") return Variant::kCpAsyncArrive;
-  if (name == "v2") return Variant::kCpAsyncFenced;
-  throw Error("SNAPMLA_BF16_VARIANT", "is '" + name + "'; expected 'v1', 'v2', 'v3' or 'v4'");
-}
-
 // cuTensorMapEncodeTiled from the driver the runtime loaded (no libcuda link).
 PFN_cuTensorMapEncodeTiled_v12000 tensor_map_encoder() {
   static const PFN_cuTensorMapEncodeTiled_v12000 encoder = [] {
@@ -65,10 +47,25 @@ CUtensorMap cache_tensor_map(const DecodeKernelParams& params) {
   return map;
 }
 
-template <Variant kVariant>
-void launch_variant(const DecodeKernelParams& params, const CUtensorMap& kv_map, cudaStream_t stream) {
+// The map of the pool last launched on (engines decode on one pool, so the
+// encode runs once per pool, not per call; per thread, as launches may come
+// from several host threads).
+const CUtensorMap& cached_cache_tensor_map(const DecodeKernelParams& params) {
+  thread_local const uint16_t* data = nullptr;
+  thread_local int64_t num_pages = -1;
+  thread_local CUtensorMap map;
+  if (data != params.kv_bf16 || num_pages != params.num_pages) {
+    map = cache_tensor_map(params);
+    data = params.kv_bf16;
+    num_pages = params.num_pages;
+  }
+  return map;
+}
+
+template <bool kTma>
+void launch(const DecodeKernelParams& params, const CUtensorMap& kv_map, cudaStream_t stream) {
   using bf16_wgmma_decode::Smem;
-  auto* kernel = &bf16_wgmma_decode::mla_decode_bf16_wgmma_kernel<kVariant>;
+  auto* kernel = &bf16_wgmma_decode::mla_decode_bf16_wgmma_kernel<kTma>;
   SNAPMLA_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, Smem::kAllocBytes));
   const dim3 grid((params.rows + bf16_wgmma_decode::kRows - 1) / bf16_wgmma_decode::kRows, params.num_parts);
   kernel<<<grid, bf16_wgmma_decode::kThreads, Smem::kAllocBytes, stream>>>(params, kv_map);
@@ -77,24 +74,14 @@ void launch_variant(const DecodeKernelParams& params, const CUtensorMap& kv_map,
 }  // namespace
 
 void launch_decode_bf16_wgmma(const DecodeKernelParams& params, cudaStream_t stream) {
-  static const Variant variant = variant_from_environment();
-  CUtensorMap unused;
-  std::memset(&unused, 0, sizeof(unused));
-  switch (variant) {
-    case Variant::kCpAsyncArrive: launch_variant<Variant::kCpAsyncArrive>(params, unused, stream); break;
-    case Variant::kCpAsyncFenced: launch_variant<Variant::kCpAsyncFenced>(params, unused, stream); break;
-    case Variant::kTma:
-    case Variant::kTmaEarlyPv:
-      // TMA row coordinates are int32: a pool beyond 2^31 rows (or an empty
-      // one, which no map describes) goes the cp.async way of v2.
-      if (params.num_pages <= 0 || params.num_pages > INT_MAX / kPageSize) {
-        launch_variant<Variant::kCpAsyncFenced>(params, unused, stream);
-      } else if (variant == Variant::kTma) {
-        launch_variant<Variant::kTma>(params, cache_tensor_map(params), stream);
-      } else {
-        launch_variant<Variant::kTmaEarlyPv>(params, cache_tensor_map(params), stream);
-      }
-      break;
+  // TMA row coordinates are int32: a pool beyond 2^31 rows (or an empty one,
+  // which no map describes) goes the cp.async way.
+  if (params.num_pages <= 0 || params.num_pages > INT_MAX / kPageSize) {
+    CUtensorMap unused;
+    std::memset(&unused, 0, sizeof(unused));
+    launch<false>(params, unused, stream);
+  } else {
+    launch<true>(params, cached_cache_tensor_map(params), stream);
   }
 }
 

@@ -41,23 +41,22 @@
 // what warpgroup h reads after the owner's QK: V tiles [4 h, 4 h + 4), plus
 // tile 8 (P) when h is the non-owner (1 - s). empty[s][h]: warpgroup h's PV
 // read of it completed (128 arrivals). The producer refills the owner's half
-// first (its RS PV ends first). How a fill is announced is the variant
-// (SNAPMLA_BF16_VARIANT, decode_bf16_wgmma.cu):
-//   v1 (Variant::kCpAsyncArrive): cp.async, full[s][h] per half (128
-//      cp.async.mbarrier arrivals + thread 0's, which also publishes the valid
-//      count); the math warpgroups fence the generic-proxy copies for wgmma
-//      after each wait (a MEMBAR.ALL.CTA per half page).
-//   v2 (Variant::kCpAsyncFenced): cp.async; the producer waits for its own
-//      copies, fences them for the async proxy and then arrives (count 1), so
-//      the math warpgroups' waits need no fence. One barrier per tile,
-//      full[s][t], all arrived together.
-//   v3 (Variant::kTma): as v2 for pages with missing tokens (zero-filled rows,
-//      pages outside the pool never read); whole pages by TMA, one 64 x 64
-//      box per tile on its own full[s][t] (QK starts on the first tiles while
-//      the rest lands), written through the async proxy: no fence anywhere.
-//   v4 (Variant::kTmaEarlyPv): v3, and WG1 issues its RS PV of page b before
-//      storing P_b for WG0 (the stores and their proxy fence then overlap
-//      the MMA instead of delaying its issue).
+// first (its RS PV ends first). How a fill is announced (kTma, chosen per
+// launch in decode_bf16_wgmma.cu): one full barrier per tile, full[s][t],
+// arrived only once the tile is visible to wgmma, so the math warpgroups'
+// waits need no proxy fence.
+//   kTma: whole pages by TMA, one 64 x 64 box per tile on its own full[s][t]
+//     (QK starts on the first tiles while the rest lands), written through
+//     the async proxy; pages with missing tokens (zero-filled rows) and pages
+//     outside the pool (never read) go the cp.async way below. WG1 issues its
+//     RS PV of page b before storing P_b for WG0 (the stores and their proxy
+//     fence overlap the MMA instead of delaying its issue).
+//   !kTma (a pool no TMA map describes): cp.async; the producer waits for its
+//     own copies, fences them for the async proxy and then arrives (count 1);
+//     WG1 stores P_b before its PV.
+// (Measured alternatives, docs/perf-notes.md "bf16 decode on wgmma": cp.async
+// with asynchronous arrivals and a proxy fence in the math warpgroups, and
+// TMA without the early PV, were up to 7% slower; they are gone.)
 #pragma once
 
 #include <cuda.h>
@@ -78,11 +77,12 @@ inline constexpr int kRows = 64;  // the wgmma M
 inline constexpr int kMathThreads = 256;
 inline constexpr int kProducerThreads = 128;
 inline constexpr int kThreads = kMathThreads + kProducerThreads;
-// setmaxnreg budgets: 128 x 40 + 256 x 232 <= 64 K registers.
+// setmaxnreg budgets, within the CTA's launch pool (384 x 168).
 inline constexpr int kProducerRegisters = 40;
 inline constexpr int kMathRegisters = 232;
-static_assert(kProducerThreads * kProducerRegisters + kMathThreads * kMathRegisters <= 64 * 1024,
-              "setmaxnreg budgets exceed the register file");
+static_assert(kProducerThreads * kProducerRegisters + kMathThreads * kMathRegisters <=
+                  kThreads * wgmma::launch_registers_per_thread(kThreads),
+              "setmaxnreg budgets exceed the CTA's register pool");
 
 inline constexpr int kTileRowBytes = 128;                 // 64 bf16: one SW128 row
 inline constexpr int kTileBytes = kRows * kTileRowBytes;  // [64 x 128 B]
@@ -98,10 +98,6 @@ inline constexpr float kNegInf = -__builtin_huge_valf();
 static_assert(kPageSize == 64 && kRows == 64, "tile shapes assume 64-token pages and 64-row CTAs");
 static_assert(kHeadDim % 64 == 0 && kHeadDimV == 8 * 64, "576 = 9 tiles of 64 dims, V = the first 8");
 
-// How pages reach shared memory (see the top of the file).
-enum class Variant : int { kCpAsyncArrive = 1, kCpAsyncFenced = 2, kTma = 3, kTmaEarlyPv = 4 };
-constexpr bool uses_tma(Variant v) { return v == Variant::kTma || v == Variant::kTmaEarlyPv; }
-
 struct Smem {
   static constexpr int kQ = 0;
   static constexpr int kStage0 = kQ + kTiles * kTileBytes;
@@ -110,7 +106,7 @@ struct Smem {
   static constexpr int kMaxB = kMaxA + kRows * 4;          // m_b [64]
   static constexpr int kSums = kMaxB + kRows * 4;          // l parts [2][64]
   static constexpr int kValid = kSums + 2 * kRows * 4;     // valid tokens [2 stages]
-  static constexpr int kFull = kValid + 2 * 4;  // mbarriers [stage][tile] (v1: [stage][half])
+  static constexpr int kFull = kValid + 2 * 4;  // mbarriers [stage][tile]
   static constexpr int kEmpty = kFull + 2 * kTiles * 8;  // mbarriers [stage][half]
   static constexpr int kBytes = kEmpty + 4 * 8;
   // The dynamic shared memory base is aligned up to 1024 at run time.
@@ -133,12 +129,13 @@ enum MathBarrier : int {
   kProducerSync = 6,  // the producer warpgroup (128): its cp.async copies of a half landed
 };
 
-__device__ __forceinline__ uint32_t full_barrier(uint32_t smem_base, int stage, int half) {
-  return smem_base + Smem::kFull + 8 * (2 * stage + half);
-}
-// v2 / v3: one per tile.
 __device__ __forceinline__ uint32_t tile_full_barrier(uint32_t smem_base, int stage, int tile) {
   return smem_base + Smem::kFull + 8 * (kTiles * stage + tile);
+}
+// A K-major SW128 operand's full descriptor (wgmma.cuh's desc_at at offset 0),
+// advanced with wgmma::desc_advance.
+__device__ __forceinline__ uint64_t k_major_desc(uint32_t start) {
+  return wgmma::desc_at(wgmma::desc_low_word(start), 0, wgmma::Swizzle::k128B);
 }
 // The tile of a stage's half in order t = 0, 1, ..: V tiles [4 half, 4 half +
 // 4), then the P tile when the half is the non-owner's; -1 past the end.
@@ -183,45 +180,15 @@ __device__ __forceinline__ void copy_half_page(const DecodeKernelParams& p, int6
 }
 
 // Walks the CTA's pages in the math warpgroups' order: a piece's local page i
-// goes to stage i % 2 (use u of that stage: phase parity u % 2).
-__device__ __forceinline__ void run_producer(const DecodeKernelParams& p, const SchedulePart& part,
-                                             uint32_t smem_base, uint8_t* smem, int thread) {
-  // A part with no work has begin_batch = batch: first_page would read cache_seqlens[batch].
-  if (part.begin_batch > part.end_batch) return;
-  int uses0 = 0, uses1 = 0;  // scalars: an indexed array would live in local memory
-#pragma unroll 1
-  for (PageCursor c = first_page(p, part); has_page(part, c); next_page(p, part, c)) {
-    const int stage = (c.page - c.piece.page_begin) & 1;
-    const int use = stage == 0 ? uses0++ : uses1++;
-    int64_t physical;
-    const int valid = resolve_page(p, c.piece, c.page, thread == 0, &physical);
-    const uint32_t stage_base = smem_base + Smem::kStage0 + stage * Smem::kStageBytes;
-#pragma unroll 1
-    for (int k = 0; k < 2; ++k) {
-      const int half = stage ^ k;  // the owner's half first
-      if (use > 0) wgmma::mbarrier_wait(empty_barrier(smem_base, stage, half), (use - 1) & 1);
-      copy_half_page(p, physical, valid, stage_base, stage, half, thread);
-      cp_async_arrive_noinc(full_barrier(smem_base, stage, half));  // one of the 128 + 1 arrivals
-      if (thread == 0) {
-        // The owner reads it after full[stage][stage]; the slot is rewritten only
-        // after the owner's empty arrival, which follows its read.
-        if (k == 0) reinterpret_cast<volatile int*>(smem + Smem::kValid)[stage] = valid;
-        wgmma::mbarrier_arrive(full_barrier(smem_base, stage, half));
-      }
-    }
-  }
-  cp_async_wait<0>();
-}
-
-// v2 / v3: the walk of run_producer, each fill announced on its tiles' full
-// barriers (count 1) only once it is visible to wgmma. A page with all
+// goes to stage i % 2 (use u of that stage: phase parity u % 2). Each fill is
+// announced on its tiles' full barriers (count 1) only once it is visible to wgmma. A page with all
 // kPageSize tokens valid goes by TMA when kTma (thread 0 issues the boxes);
 // other pages (and every page without kTma) by cp.async with zero-filled
 // rows, which the producer waits for and fences itself. Every producer thread
 // waits on the empty barriers, so none runs more than one phase ahead of
 // them (parity waits cannot tell phases two apart).
 template <bool kTma>
-__device__ __forceinline__ void run_producer_fenced(const DecodeKernelParams& p, const SchedulePart& part,
+__device__ __forceinline__ void run_producer(const DecodeKernelParams& p, const SchedulePart& part,
                                                     uint32_t smem_base, uint8_t* smem, int thread,
                                                     const CUtensorMap* kv_map) {
   if (kTma && thread == 0) wgmma::prefetch_tensor_map(kv_map);
@@ -283,27 +250,19 @@ __device__ __forceinline__ float rescale_factor(float m_old, float m_new) {
 
 // S = Q K^T for the page in `stage`: the warpgroup's own half of the tiles
 // first (the producer refills it first), one commit group each.
-// v2 / v3 wait for each tile right before its MMAs.
-template <Variant kVariant>
+// Each tile is waited for right before its MMAs.
 __device__ __forceinline__ void issue_qk_half(float (&s)[kSRegs], uint32_t smem_base, int stage, int half,
                                               int parity, bool first) {
-  if constexpr (kVariant == Variant::kCpAsyncArrive) {
-    wgmma::mbarrier_wait(full_barrier(smem_base, stage, half), parity);
-    wgmma::fence_proxy_async_shared();  // cp.async wrote through the generic proxy
-  }
-  const uint64_t q_desc = wgmma::k_major_sw128_desc(smem_base + Smem::kQ);
-  const uint64_t k_desc = wgmma::k_major_sw128_desc(smem_base + Smem::kStage0 + stage * Smem::kStageBytes);
+  const uint64_t q_desc = k_major_desc(smem_base + Smem::kQ);
+  const uint64_t k_desc = k_major_desc(smem_base + Smem::kStage0 + stage * Smem::kStageBytes);
   wgmma::fence_registers(s);
-  if constexpr (kVariant == Variant::kCpAsyncArrive) wgmma::fence();
 #pragma unroll
   for (int t = 0; t < kVTilesPerWarpGroup + 1; ++t) {
     // Tiles [4 half, 4 half + 4), and tile 8 in the non-owner's half.
     if (t == kVTilesPerWarpGroup && half == stage) break;
     const int tile = t < kVTilesPerWarpGroup ? 4 * half + t : kPTile;
-    if constexpr (kVariant != Variant::kCpAsyncArrive) {
-      wgmma::mbarrier_wait(tile_full_barrier(smem_base, stage, tile), parity);
-      wgmma::fence();  // the wait loop is a branch: wgmmas after it need their own fence (else ptxas injects one)
-    }
+    wgmma::mbarrier_wait(tile_full_barrier(smem_base, stage, tile), parity);
+    wgmma::fence();  // the wait loop is a branch: wgmmas after it need their own fence (else ptxas injects one)
 #pragma unroll
     for (int k = 0; k < 4; ++k) {
       const uint32_t offset = tile * kTileBytes + 32 * k;  // 16 bf16 of K per step
@@ -421,7 +380,7 @@ __device__ __forceinline__ void issue_pv_rs(float (&o)[kORegs], const uint32_t (
 template <int kGroup>
 __device__ __forceinline__ void issue_pv_ss(float (&o)[kORegs], uint32_t smem_base, int stage) {
   const uint64_t b = v_desc<kGroup>(smem_base, stage);
-  const uint64_t a = wgmma::k_major_sw128_desc(smem_base + Smem::kStage0 + stage * Smem::kStageBytes +
+  const uint64_t a = k_major_desc(smem_base + Smem::kStage0 + stage * Smem::kStageBytes +
                                                kPTile * kTileBytes);
   wgmma::fence_registers(o);
   wgmma::fence();
@@ -434,21 +393,15 @@ __device__ __forceinline__ void issue_pv_ss(float (&o)[kORegs], uint32_t smem_ba
 
 // Before an SS PV on the other warpgroup's page: its V tiles of `half` landed
 // long ago (the owner's QK waited for them); this warpgroup's own wait
-// acquires them (and, for v1, the fence makes the copies visible to wgmma).
-template <Variant kVariant>
+// acquires them.
 __device__ __forceinline__ void acquire_v_half(uint32_t smem_base, int stage, int half, int parity) {
-  if constexpr (kVariant == Variant::kCpAsyncArrive) {
-    wgmma::mbarrier_wait(full_barrier(smem_base, stage, half), parity);
-    wgmma::fence_proxy_async_shared();
-  } else {
 #pragma unroll
-    for (int t = 0; t < kVTilesPerWarpGroup; ++t)
-      wgmma::mbarrier_wait(tile_full_barrier(smem_base, stage, kVTilesPerWarpGroup * half + t), parity);
-  }
+  for (int t = 0; t < kVTilesPerWarpGroup; ++t)
+    wgmma::mbarrier_wait(tile_full_barrier(smem_base, stage, kVTilesPerWarpGroup * half + t), parity);
 }
 
 // Math warpgroup kGroup's walk over the CTA's pieces (see the top of the file).
-template <Variant kVariant, int kGroup>
+template <bool kTma, int kGroup>
 __device__ __forceinline__ void run_math(const DecodeKernelParams& p, const SchedulePart& part, uint32_t smem_base,
                                          uint8_t* smem, const MathThread& mt, int math_thread) {
   constexpr int kOther = 1 - kGroup;
@@ -500,9 +453,9 @@ __device__ __forceinline__ void run_math(const DecodeKernelParams& p, const Sche
     // The own page of the first pair.
     int own_valid = 0;
     if (kGroup < pages) {
-      issue_qk_half<kVariant>(s, smem_base, kGroup, kGroup, uses[kGroup] & 1, true);
+      issue_qk_half(s, smem_base, kGroup, kGroup, uses[kGroup] & 1, true);
       own_valid = valid_slot[kGroup];
-      issue_qk_half<kVariant>(s, smem_base, kGroup, kOther, uses[kGroup] & 1, false);
+      issue_qk_half(s, smem_base, kGroup, kOther, uses[kGroup] & 1, false);
     }
     wgmma::wait<0>();
     wgmma::fence_registers(s);
@@ -556,7 +509,7 @@ __device__ __forceinline__ void run_math(const DecodeKernelParams& p, const Sche
         for (int h = 0; h < 2; ++h) row_sum[h] *= alpha_b[h];
         if (has_b) {
           // Completed already (WG1's QK waited it); the wait acquires the copies.
-          acquire_v_half<kVariant>(smem_base, 1, 0, parity_b);
+          acquire_v_half(smem_base, 1, 0, parity_b);
           issue_pv_ss<0>(o, smem_base, 1);
         }
       } else {
@@ -581,7 +534,7 @@ __device__ __forceinline__ void run_math(const DecodeKernelParams& p, const Sche
         if (has_b) {
           exponentiate(s, m_b, scale_log2, sum);
           pack_p_fragments(s, a_frag);
-          if constexpr (kVariant == Variant::kTmaEarlyPv) {
+          if constexpr (kTma) {
             issue_pv_rs<1>(o, a_frag, smem_base, 1);
             store_p_fragments(a_frag, own_p_tile, mt);
             wgmma::fence_proxy_async_shared();
@@ -597,7 +550,7 @@ __device__ __forceinline__ void run_math(const DecodeKernelParams& p, const Sche
 
         // ---- O_1 += P_a' V_a ----
         wgmma::named_barrier_sync(kPaReady, kMathThreads);
-        acquire_v_half<kVariant>(smem_base, 0, 1, parity_a);  // completed already
+        acquire_v_half(smem_base, 0, 1, parity_a);  // completed already
         issue_pv_ss<1>(o, smem_base, 0);
         wgmma::named_barrier_arrive(kPbReady, kMathThreads);
         if (has_b) {
@@ -613,14 +566,14 @@ __device__ __forceinline__ void run_math(const DecodeKernelParams& p, const Sche
       if constexpr (kGroup == 0) {
         // Groups in flight: PV b (if has_b), then QK's first half.
         if (has_next_own) {
-          issue_qk_half<kVariant>(s, smem_base, 0, 0, next_parity, true);
+          issue_qk_half(s, smem_base, 0, 0, next_parity, true);
           own_valid = valid_slot[0];
           wgmma::wait<1>();
         } else {
           wgmma::wait<0>();
         }
         if (has_b) wgmma::mbarrier_arrive(empty_barrier(smem_base, 1, 0));
-        if (has_next_own) issue_qk_half<kVariant>(s, smem_base, 0, 1, next_parity, false);
+        if (has_next_own) issue_qk_half(s, smem_base, 0, 1, next_parity, false);
         wgmma::wait<0>();
         wgmma::fence_registers(o);
         wgmma::fence_registers(s);
@@ -629,9 +582,9 @@ __device__ __forceinline__ void run_math(const DecodeKernelParams& p, const Sche
         wgmma::fence_registers(o);
         wgmma::mbarrier_arrive(empty_barrier(smem_base, 0, 1));
         if (has_next_own) {
-          issue_qk_half<kVariant>(s, smem_base, 1, 1, next_parity, true);
+          issue_qk_half(s, smem_base, 1, 1, next_parity, true);
           own_valid = valid_slot[1];
-          issue_qk_half<kVariant>(s, smem_base, 1, 0, next_parity, false);
+          issue_qk_half(s, smem_base, 1, 0, next_parity, false);
         }
         wgmma::wait<0>();
         wgmma::fence_registers(s);
@@ -661,10 +614,10 @@ __device__ __forceinline__ void run_math(const DecodeKernelParams& p, const Sche
   }
 }
 
-// kv_map: v3's 2D TMA map of the cache pool, [num_pages * 64 rows x 576 bf16]
+// kv_map: the 2D TMA map of the cache pool, [num_pages * 64 rows x 576 bf16]
 // in boxes of 64 x 64 with the 128-byte swizzle (decode_bf16_wgmma.cu);
-// unused by v1 / v2.
-template <Variant kVariant>
+// unused without kTma.
+template <bool kTma>
 __global__ void __launch_bounds__(kThreads, 1)
     mla_decode_bf16_wgmma_kernel(const DecodeKernelParams p, const __grid_constant__ CUtensorMap kv_map) {
   extern __shared__ __align__(1024) uint8_t smem_raw[];
@@ -680,26 +633,17 @@ __global__ void __launch_bounds__(kThreads, 1)
 
   if (tid == 0) {
     for (int stage = 0; stage < 2; ++stage) {
-      for (int half = 0; half < 2; ++half) {
-        if constexpr (kVariant == Variant::kCpAsyncArrive)
-          wgmma::mbarrier_init(full_barrier(smem_base, stage, half), kProducerThreads + 1);
-        wgmma::mbarrier_init(empty_barrier(smem_base, stage, half), 128);
-      }
-      if constexpr (kVariant != Variant::kCpAsyncArrive)
-        for (int tile = 0; tile < kTiles; ++tile) wgmma::mbarrier_init(tile_full_barrier(smem_base, stage, tile), 1);
+      for (int half = 0; half < 2; ++half) wgmma::mbarrier_init(empty_barrier(smem_base, stage, half), 128);
+      for (int tile = 0; tile < kTiles; ++tile) wgmma::mbarrier_init(tile_full_barrier(smem_base, stage, tile), 1);
     }
     // The barriers' initialization, for the TMA unit's complete_tx.
-    if constexpr (uses_tma(kVariant)) asm volatile("fence.mbarrier_init.release.cluster;\n" ::: "memory");
+    if constexpr (kTma) asm volatile("fence.mbarrier_init.release.cluster;\n" ::: "memory");
   }
   __syncthreads();  // the last CTA-wide barrier: from here on the roles synchronise apart
 
   if (warp_group == 2) {
     wgmma::set_max_registers_decrease<kProducerRegisters>();
-    if constexpr (kVariant == Variant::kCpAsyncArrive) {
-      run_producer(p, part, smem_base, smem, tid - kMathThreads);
-    } else {
-      run_producer_fenced<uses_tma(kVariant)>(p, part, smem_base, smem, tid - kMathThreads, &kv_map);
-    }
+    run_producer<kTma>(p, part, smem_base, smem, tid - kMathThreads, &kv_map);
     return;
   }
   wgmma::set_max_registers_increase<kMathRegisters>();
@@ -709,9 +653,9 @@ __global__ void __launch_bounds__(kThreads, 1)
   mt.local_row[0] = 16 * group_warp + (lane >> 2);
   mt.local_row[1] = mt.local_row[0] + 8;
   if (warp_group == 0) {
-    run_math<kVariant, 0>(p, part, smem_base, smem, mt, tid);
+    run_math<kTma, 0>(p, part, smem_base, smem, mt, tid);
   } else {
-    run_math<kVariant, 1>(p, part, smem_base, smem, mt, tid);
+    run_math<kTma, 1>(p, part, smem_base, smem, mt, tid);
   }
 }
 

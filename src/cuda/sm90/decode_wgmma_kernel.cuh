@@ -76,14 +76,12 @@ inline constexpr int kMathThreads = kWarpGroups * 128;
 inline constexpr int kProducerThreads = 128;
 inline constexpr int kThreads = kMathThreads + kProducerThreads;
 inline constexpr int kWarps = kMathThreads / 32;  // the V^T walk's (virtual) warps
-// setmaxnreg budgets. The CTA's pool is what it was launched with: 384
-// threads x 168 registers (65536 / 384 rounded down to a multiple of 8), not
-// 64 K: a budget beyond it makes the math warpgroups' setmaxnreg.inc wait
-// forever (a v8 try, 48 / 232, hung). Both regions are spill-free.
-inline constexpr int kLaunchRegisters = 65536 / kThreads / 8 * 8;
+// setmaxnreg budgets, within the CTA's launch pool (384 x 168; a v8 try with
+// 48 / 232 hung in setmaxnreg.inc). Both regions are spill-free.
 inline constexpr int kProducerRegisters = 56;
 inline constexpr int kMathRegisters = 224;
-static_assert(kProducerThreads * kProducerRegisters + kMathThreads * kMathRegisters <= kThreads * kLaunchRegisters,
+static_assert(kProducerThreads * kProducerRegisters + kMathThreads * kMathRegisters <=
+                  kThreads * wgmma::launch_registers_per_thread(kThreads),
               "setmaxnreg budgets exceed the CTA's register pool");
 inline constexpr int kDimsPerWarpGroup = kHeadDimV / kWarpGroups;  // 256 output dims per warpgroup
 inline constexpr int kPvN = 64;                                    // the PV wgmma N

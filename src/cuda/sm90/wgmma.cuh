@@ -128,6 +128,11 @@ __device__ __forceinline__ void mbarrier_wait(uint32_t bar, uint32_t parity) {
 __device__ __forceinline__ void named_barrier_sync(int id, int threads) {
   asm volatile("bar.sync %0, %1;\n" ::"r"(id), "r"(threads) : "memory");
 }
+// The registers per thread of a CTA launched with __launch_bounds__(threads,
+// 1): 65536 / threads rounded down to a multiple of 8. setmaxnreg moves
+// registers within the CTA's pool (threads x this), not the 64 K file: an
+// increase beyond what the decreases freed waits forever.
+constexpr int launch_registers_per_thread(int threads) { return 65536 / threads / 8 * 8; }
 // Per-thread register budget of the calling warpgroup from here on (a
 // multiple of 8 in [24, 256]; all warps of the warpgroup execute it).
 template <int kRegisters>
@@ -162,43 +167,15 @@ __device__ __forceinline__ gmma::ScaleOut scale_out(bool accumulate) {
 // D[64 x 64] (+)= A[64 x 32 e4m3] . B[64 x 32 e4m3]^T, both K-major in shared memory.
 __device__ __forceinline__ void mma_64x64x32_e4m3_ss(float (&d)[32], uint64_t desc_a, uint64_t desc_b,
                                                      bool accumulate) {
-  detail::ss<cute::SM90::GMMA::MMA_64x64x32_F32E4M3E4M3_SS_TN<>>(
-      d, desc_a, desc_b, accumulate ? gmma::ScaleOut::One : gmma::ScaleOut::Zero, std::make_index_sequence<32>{});
+  detail::ss<cute::SM90::GMMA::MMA_64x64x32_F32E4M3E4M3_SS_TN<>>(d, desc_a, desc_b, detail::scale_out(accumulate),
+                                                                 std::make_index_sequence<32>{});
 }
-// N = 32 (one warpgroup's half of a 64-token page): e4m3 as above, and bf16 with K = 16.
-__device__ __forceinline__ void mma_64x32x32_e4m3_ss(float (&d)[16], uint64_t desc_a, uint64_t desc_b,
-                                                     bool accumulate) {
-  detail::ss<cute::SM90::GMMA::MMA_64x32x32_F32E4M3E4M3_SS_TN<>>(
-      d, desc_a, desc_b, accumulate ? gmma::ScaleOut::One : gmma::ScaleOut::Zero, std::make_index_sequence<16>{});
-}
-__device__ __forceinline__ void mma_64x32x16_bf16_ss(float (&d)[16], uint64_t desc_a, uint64_t desc_b,
-                                                     bool accumulate) {
-  detail::ss<cute::SM90::GMMA::MMA_64x32x16_F32BF16BF16_SS<gmma::Major::K, gmma::Major::K>>(
-      d, desc_a, desc_b, accumulate ? gmma::ScaleOut::One : gmma::ScaleOut::Zero, std::make_index_sequence<16>{});
-}
-// D[64 x 128] (+)= A[64 x 32 e4m3] . B[128 x 32 e4m3]^T, both K-major in shared memory.
-__device__ __forceinline__ void mma_64x128x32_e4m3_ss(float (&d)[64], uint64_t desc_a, uint64_t desc_b,
-                                                      bool accumulate) {
-  detail::ss<cute::SM90::GMMA::MMA_64x128x32_F32E4M3E4M3_SS_TN<>>(
-      d, desc_a, desc_b, accumulate ? gmma::ScaleOut::One : gmma::ScaleOut::Zero, std::make_index_sequence<64>{});
-}
-
 // D[64 x 64] (+)= A[64 x 16 bf16] . B[64 x 16 bf16]^T, both K-major in shared memory.
 __device__ __forceinline__ void mma_64x64x16_bf16_ss(float (&d)[32], uint64_t desc_a, uint64_t desc_b,
                                                      bool accumulate) {
   detail::ss<cute::SM90::GMMA::MMA_64x64x16_F32BF16BF16_SS<gmma::Major::K, gmma::Major::K>>(
       d, desc_a, desc_b, detail::scale_out(accumulate), std::make_index_sequence<32>{});
 }
-// D[64 x 64] (+)= A[64 x 32 e4m3] . B[64 x 32 e4m3]^T, A from registers: thread (warp w, lane l)
-// holds rows 16 w + l / 4 (a[0], a[2]) and 16 w + l / 4 + 8 (a[1], a[3]), k bytes 4 (l % 4) + [0, 4)
-// (a[0], a[1]) and 16 + 4 (l % 4) + [0, 4) (a[2], a[3]); B K-major in shared memory.
-__device__ __forceinline__ void mma_64x64x32_e4m3_rs(float (&d)[32], const uint32_t (&a)[4], uint64_t desc_b,
-                                                     bool accumulate) {
-  detail::rs<cute::SM90::GMMA::MMA_64x64x32_F32E4M3E4M3_RS_TN<>>(d, a, desc_b, detail::scale_out(accumulate),
-                                                                 std::make_index_sequence<32>{});
-}
-
-
 // ---- additions for the bf16 decode kernel (decode_bf16_wgmma_kernel.cuh) ----
 
 // A full descriptor from its fields (PTX ISA "Matrix Descriptor Format"):
@@ -227,11 +204,6 @@ __host__ __device__ constexpr uint64_t mn_major_sw128_desc(uint32_t start, uint3
                                                            uint32_t k_atom_stride_bytes) {
   return make_desc(start, n_atom_stride_bytes, k_atom_stride_bytes, Swizzle::k128B);
 }
-// K-major SW128 operand with 8-row atoms kSw128AtomBytes apart (LBO unused: 1).
-__host__ __device__ constexpr uint64_t k_major_sw128_desc(uint32_t start) {
-  return make_desc(start, 16, kSw128AtomBytes, Swizzle::k128B);
-}
-
 // Arrives on barrier `id` without waiting (a producer side of a named-barrier
 // handoff; the consumer side calls named_barrier_sync with the same count).
 __device__ __forceinline__ void named_barrier_arrive(int id, int threads) {
