@@ -2,9 +2,10 @@
 # One command for the GPU machine (the `device` tool): build with all cores,
 # run the GPU tests, the demo, the Python suite and the benchmarks, keep logs
 # under $OUT (at most 8 files come back) and print a short table last.
-#   scripts/gpu-check.sh [all|tests|python|bench|profile]     (default all)
+#   scripts/gpu-check.sh [all|tests|python|bench|profile|rates|trace]     (default all)
 # Optional: GTEST_FILTER (a gtest filter for the GPU tests), BENCH_ARGS (extra
-# `snapmla bench` options, e.g. "--format fp8").
+# `snapmla bench` options, e.g. "--format fp8"), TRACE_CONFIG (the bench config
+# whose fp8 phase trace `trace` prints; build-trace, -DSNAPMLA_DECODE_TRACE).
 # The machine has no package registry: .deps/gtest and .deps/cutlass must be
 # carried from the development machine, where scripts/install-deps.sh made them.
 set -uo pipefail
@@ -21,7 +22,7 @@ note "$(nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.sm,clocks
 jobs=$(nproc)
 # bench and profile need only the CLI.
 targets=""
-case "$mode" in bench|profile) targets="--target snapmla" ;; esac
+case "$mode" in bench|profile|trace) targets="--target snapmla" ;; rates) targets="--target snapmla_wgmma_rates" ;; esac
 t0=$(date +%s)
 if ! { cmake -S . -B build-gpu -G Ninja -DCMAKE_BUILD_TYPE=Release >"$OUT/build.log" 2>&1 &&
        cmake --build build-gpu -j"$jobs" $targets >>"$OUT/build.log" 2>&1; }; then
@@ -67,6 +68,19 @@ if [ "$mode" = all ] || [ "$mode" = bench ]; then
   note "kv-bench: exit $?"
 fi
 
+if [ "$mode" = trace ]; then
+  cmake -S . -B build-trace -G Ninja -DCMAKE_BUILD_TYPE=Release -DCMAKE_CUDA_FLAGS=-DSNAPMLA_DECODE_TRACE \
+    >"$OUT/trace-build.log" 2>&1 && cmake --build build-trace -j"$jobs" --target snapmla >>"$OUT/trace-build.log" 2>&1
+  timeout 120 build-trace/snapmla bench --format fp8 --only "${TRACE_CONFIG:-b64_sq2_h128_sk8192}" --groups 1 \
+    --calls 5 >"$OUT/trace.txt" 2>&1
+  note "trace: exit $? (${TRACE_CONFIG:-b64_sq2_h128_sk8192})"
+fi
+
+if [ "$mode" = rates ]; then
+  timeout 120 build-gpu/snapmla_wgmma_rates >"$OUT/wgmma-rates.txt" 2>&1
+  note "wgmma rates: exit $?"
+fi
+
 if [ "$mode" = profile ]; then
   # Nsight Compute on one bench config (PROFILE_CONFIG, default b64_sq1_h128_sk4096) and the
   # fp8 decode kernel: the details page and the SASS lines with the most stall samples.
@@ -76,6 +90,13 @@ if [ "$mode" = profile ]; then
     --only "$cfg" --groups 1 --calls 5 >"$OUT/ncu.log" 2>&1
   note "ncu: exit $? ($cfg)"
   ncu --import "$OUT/profile.ncu-rep" --page details >"$OUT/ncu-details.txt" 2>&1
+  # Tensor-pipe and shared-memory utilisation, the two candidate page-time limits.
+  ncu --import "$OUT/profile.ncu-rep" --page raw --csv 2>/dev/null | python3 -c '
+import csv, sys
+rows = list(csv.reader(sys.stdin))
+for name, unit, value in zip(rows[0], rows[1], rows[2]):
+    if any(k in name for k in ("pipe_tensor", "mem_shared", "data_bank", "pipe_lsu", "sm__throughput", "issue_active", "inst_executed_pipe_uniform", "cycles_elapsed.avg.per_second")):
+        print(f"{name:90s} {value:>14s} {unit}")' >"$OUT/ncu-pipes.txt"
   ncu --import "$OUT/profile.ncu-rep" --page source --csv --print-source sass >/tmp/ncu-sass.csv 2>&1
   python3 - /tmp/ncu-sass.csv >"$OUT/ncu-top-sass.txt" <<'PY'
 import csv, sys
@@ -104,5 +125,8 @@ echo "=== summary ==="
 cat "$summary"
 [ -s "$OUT/cases.txt" ] && { echo "--- accuracy cases ---"; cut -c1-230 "$OUT/cases.txt" | head -70; }
 [ -f "$OUT/bench.log" ] && { echo "--- bench ---"; tail -n 36 "$OUT/bench.log"; }
+[ -f "$OUT/trace.txt" ] && { echo "--- trace ---"; grep -E '^ *[0-9]+ \||^n \|' "$OUT/trace.txt" | head -40; }
+[ -f "$OUT/wgmma-rates.txt" ] && { echo "--- wgmma rates ---"; cat "$OUT/wgmma-rates.txt"; }
+[ -f "$OUT/ncu-pipes.txt" ] && { echo "--- pipes ---"; cat "$OUT/ncu-pipes.txt"; }
 [ -f "$OUT/ncu-top-sass.txt" ] && { echo "--- top stalled SASS ---"; head -n 45 "$OUT/ncu-top-sass.txt"; }
 exit 0

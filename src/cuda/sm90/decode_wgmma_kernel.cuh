@@ -46,9 +46,9 @@
 //           tokens, tokens of each 16-token group in the order {0,1,8,9, 2,3,10,11, 4,5,12,13,
 //           6,7,14,15}, so that a thread's own S columns 8 j + 2 (lane % 4) + {0, 1} are 4
 //           consecutive k bytes of a row of P^.
-//   2 P^    SW64 [64 rows x 64 tokens] e4m3 in the same token order, and per row float2 (m_n, s_n)
+//   4 P^    SW64 [64 rows x 64 tokens] e4m3 in the same token order, and per row float2 (m_n, s_n)
 //           and float[4] (the quad lanes' parts of sum e).
-//   mbarriers: stage full / empty, V^T full / empty, P full / empty, two of each.
+//   mbarriers: stage full / empty, V^T full / empty (two of each), P full / empty (four of each).
 #pragma once
 
 #include <cuda_runtime.h>
@@ -102,11 +102,37 @@ static_assert(kPageSize == 64 && kRows == 64, "tile shapes assume 64-token pages
 static_assert(kRopeDim * 2 == kTileRowBytes, "a RoPE row must be one SW128 row");
 static_assert(kVtRowBytes == 64, "V^T rows must be one SW64 row (and the odd row's offset bit 6)");
 
-// Two of each per-page buffer: page n uses number n % 2, and the owner of
-// page n is math warpgroup n % 2 (three stages plus two V^T buffers exceed 227 KB).
+// Phase trace (built only with -DSNAPMLA_DECODE_TRACE; scripts/gpu-check.sh
+// trace): clock64() at phase boundaries of the first kTracePages pages of
+// CTA (0, 0), per role (0, 1: math warpgroups; 2: producer) and page. Math
+// events: 0 score entry, 1 stage full, 2 QK done, 8 scaled, 9 max, 10 exp and
+// P scale, 11 P^ stored, 3 P published; 4 PV entry, 5 P full, 6 V^T full,
+// 7 PV done. Producer events: 0 loop top, 1 stage full, 2 V^T empty, 3 V^T
+// built, 4 stage empty, 5 copies issued. It found the v10 page time to be the
+// producer's serial chain (docs/perf-notes.md, v11).
+#ifdef SNAPMLA_DECODE_TRACE
+inline constexpr int kTracePages = 48;
+__device__ long long g_decode_trace[3][kTracePages][12];
+#define SNAPMLA_TRACE(role, n, event)                                                                 \
+  do {                                                                                               \
+    if (blockIdx.x == 0 && blockIdx.y == 0 && (threadIdx.x & 127) == 0 && (n) < kTracePages)         \
+      g_decode_trace[role][n][event] = clock64();                                                    \
+  } while (0)
+#else
+#define SNAPMLA_TRACE(role, n, event) \
+  do {                                \
+  } while (0)
+#endif
+
+// Per-page buffers: page n uses number n % count; the owner of page n is
+// math warpgroup n % 2 (three stages plus two V^T buffers exceed 227 KB).
+// Four P^ buffers (v11; two before): with two, the owner of page n could not
+// store its P^ before the OTHER warpgroup had added page n - 2, which tied
+// each softmax to the other warpgroup's PV (the v10 trace: up to ~1200 cycles
+// of a ~3000-cycle page).
 inline constexpr int kStages = 2;
 inline constexpr int kVtBuffers = 2;
-inline constexpr int kPBuffers = 2;
+inline constexpr int kPBuffers = 4;
 
 struct Smem {
   static constexpr int kQ = 0;
@@ -351,6 +377,7 @@ __device__ __forceinline__ void run_producer(const DecodeKernelParams& p, const 
 #pragma unroll 1
   for (int n = 0; has_page(part, compute); ++n, next_page(p, part, compute)) {
     const int stage = n % kStages, vt_buffer = n & 1;
+    SNAPMLA_TRACE(2, n, 0);
     // The page ahead's block-table load is in flight during the V^T build
     // (its copy cannot be: it refills this page's stage, V^T's source).
     const bool copy_ahead = has_page(part, ahead);
@@ -358,7 +385,9 @@ __device__ __forceinline__ void run_producer(const DecodeKernelParams& p, const 
     int ahead_valid = 0;
     if (copy_ahead) ahead_valid = resolve_page(p, ahead.piece, ahead.page, thread == 0, &ahead_physical);
     wgmma::mbarrier_wait(stage_full(stage), (n / kStages) & 1);
+    SNAPMLA_TRACE(2, n, 1);
     if (n >= 2) wgmma::mbarrier_wait(smem_base + Smem::kVtEmpty + 8 * vt_buffer, ((n >> 1) - 1) & 1);
+    SNAPMLA_TRACE(2, n, 2);
     const uint32_t vt = smem_base + Smem::kVt + vt_buffer * Smem::kVtBytes;
     // The V^T unit walk for 8 warps, run as virtual warps w and w + 4.
 #pragma unroll 1
@@ -367,10 +396,13 @@ __device__ __forceinline__ void run_producer(const DecodeKernelParams& p, const 
                                        kVtSteps);
     wgmma::fence_proxy_async_shared();
     wgmma::mbarrier_arrive(smem_base + Smem::kVtFull + 8 * vt_buffer);
+    SNAPMLA_TRACE(2, n, 3);
     if (copy_ahead) {
       wgmma::named_barrier_sync(kProducerBarrier, kProducerThreads);  // nobody reads the stage any more
       wgmma::mbarrier_wait(smem_base + Smem::kStageEmpty + 8 * stage, (n / kStages) & 1);
+      SNAPMLA_TRACE(2, n, 4);
       copy_resolved(ahead_physical, ahead_valid, stage);
+      SNAPMLA_TRACE(2, n, 5);
       next_page(p, part, ahead);
     }
   }
@@ -402,6 +434,8 @@ __global__ void __launch_bounds__(kThreads, 1) mla_decode_fp8_wgmma_kernel(const
       wgmma::mbarrier_init(smem_base + Smem::kStageEmpty + 8 * i, 128);  // the page's owner
       wgmma::mbarrier_init(smem_base + Smem::kVtFull + 8 * i, kProducerThreads);
       wgmma::mbarrier_init(smem_base + Smem::kVtEmpty + 8 * i, kMathThreads);
+    }
+    for (int i = 0; i < kPBuffers; ++i) {
       wgmma::mbarrier_init(smem_base + Smem::kPFull + 8 * i, 128);  // the page's owner
       wgmma::mbarrier_init(smem_base + Smem::kPEmpty + 8 * i, kMathThreads);
     }
@@ -424,8 +458,12 @@ __global__ void __launch_bounds__(kThreads, 1) mla_decode_fp8_wgmma_kernel(const
   const uint32_t vt_desc =
       wgmma::desc_low_word(smem_base + Smem::kVt + warp_group * kDimsPerWarpGroup * kVtRowBytes);
   const uint32_t stage_desc = wgmma::desc_low_word(smem_base + Smem::kStage0 + warp_group * Smem::kStageBytes);
+  // Page n's barrier of a pair (stages, V^T) and its phase parity; p_barrier / p_parity for
+  // the kPBuffers P^ buffers.
   auto barrier = [&](int kind, int n) { return smem_base + kind + 8 * (n & 1); };
   auto parity = [](int n) { return static_cast<uint32_t>((n >> 1) & 1); };
+  auto p_barrier = [&](int kind, int n) { return smem_base + kind + 8 * (n % kPBuffers); };
+  auto p_parity = [](int n) { return static_cast<uint32_t>((n / kPBuffers) & 1); };
   int page_count = 0;  // pages of the CTA before the current piece
 
   for (int batch = part.begin_batch; batch <= part.end_batch; ++batch) {
@@ -442,7 +480,10 @@ __global__ void __launch_bounds__(kThreads, 1) mla_decode_fp8_wgmma_kernel(const
     cp_async_wait<0>();
     wgmma::fence_proxy_async_shared();
     math_sync();  // Q and its scales, visible to wgmma
-    const float row_scale[2] = {q_scale_smem[local_row[0]] * p.scale_log2, q_scale_smem[local_row[1]] * p.scale_log2};
+    // Kept positive (an all-zero query row has scale 0 and scores 0 either way), so that
+    // it commutes with the page maximum.
+    const float row_scale[2] = {fmaxf(q_scale_smem[local_row[0]] * p.scale_log2, 1.17549435e-38f),
+                                fmaxf(q_scale_smem[local_row[1]] * p.scale_log2, 1.17549435e-38f)};
     int visible[2];
     visible_tokens_of_rows(p, piece, tile_row0, local_row, visible);
 
@@ -456,7 +497,9 @@ __global__ void __launch_bounds__(kThreads, 1) mla_decode_fp8_wgmma_kernel(const
     // ---- owner: scores, softmax and P^ of page n (piece page `page`) ----
     auto score_page = [&](int n, int page) {
       const uint32_t stage_base = smem_base + Smem::kStage0 + (n & 1) * Smem::kStageBytes;
+      SNAPMLA_TRACE(warp_group, n, 0);
       wgmma::mbarrier_wait(barrier(Smem::kStageFull, n), parity(n));
+      SNAPMLA_TRACE(warp_group, n, 1);
       // The copies were cp.async writes (generic proxy), nobody fenced them, and wgmma reads
       // through the async proxy.
       wgmma::fence_proxy_async_shared();
@@ -492,6 +535,7 @@ __global__ void __launch_bounds__(kThreads, 1) mla_decode_fp8_wgmma_kernel(const
           issue_nope_chunk(chunk + 1);
         }
       }
+      SNAPMLA_TRACE(warp_group, n, 2);
       // s[4 j + c]: row local_row[c / 2], page token 8 j + 2 (lane % 4) + (c & 1).
       const int token0 = 2 * quad_lane;
       const float* k_scale_smem = reinterpret_cast<const float*>(smem + (stage_base - smem_base) + Smem::kStageScale);
@@ -505,11 +549,13 @@ __global__ void __launch_bounds__(kThreads, 1) mla_decode_fp8_wgmma_kernel(const
       int keep_below[2];  // tokens of the page this row sees
 #pragma unroll
       for (int half = 0; half < 2; ++half) keep_below[half] = min(valid_tokens, visible[half] - page * kPageSize);
+      // x' = S k_scale; the row factor (q scale x softmax scale x log2 e, > 0,
+      // so it commutes with max) is applied inside the exponent's FMA (v11):
+      // x = x' row_scale, m_n = max x' row_scale.
 #pragma unroll
       for (int j = 0; j < 8; ++j)
 #pragma unroll
-        for (int c = 0; c < 4; ++c)
-          s[4 * j + c] = s[4 * j + c] * row_scale[c >> 1] * ((c & 1) ? k_scale[j].y : k_scale[j].x);
+        for (int c = 0; c < 4; ++c) s[4 * j + c] *= (c & 1) ? k_scale[j].y : k_scale[j].x;
       // Only the last page of a sequence (or a causal one) masks anything.
       if (min(keep_below[0], keep_below[1]) < kPageSize) {
 #pragma unroll
@@ -518,36 +564,58 @@ __global__ void __launch_bounds__(kThreads, 1) mla_decode_fp8_wgmma_kernel(const
           for (int c = 0; c < 4; ++c)
             if (token0 + 8 * j + (c & 1) >= keep_below[c >> 1]) s[4 * j + c] = kNegInf;
       }
-      float page_max[2] = {kNegInf, kNegInf};
+      // Reductions in kChains independent chains per row (v11; one serial
+      // chain of 16 dependent operations before), then across the quad.
+      constexpr int kChains = 4;
+      float chain[2][kChains];
 #pragma unroll
-      for (int i = 0; i < kSRegs; ++i) page_max[(i >> 1) & 1] = fmaxf(page_max[(i >> 1) & 1], s[i]);
+      for (int half = 0; half < 2; ++half)
 #pragma unroll
-      for (int half = 0; half < 2; ++half) page_max[half] = quad_max(page_max[half]);
+        for (int k = 0; k < kChains; ++k) chain[half][k] = kNegInf;
+#pragma unroll
+      for (int i = 0; i < kSRegs; ++i) chain[(i >> 1) & 1][(i >> 2) % kChains] = fmaxf(chain[(i >> 1) & 1][(i >> 2) % kChains], s[i]);
+      SNAPMLA_TRACE(warp_group, n, 8);
+      float page_max[2], base[2];  // m_n (log2 units) and the exponent's offset
+#pragma unroll
+      for (int half = 0; half < 2; ++half) {
+        const float x_max = quad_max(fmaxf(fmaxf(chain[half][0], chain[half][1]), fmaxf(chain[half][2], chain[half][3])));
+        page_max[half] = x_max == kNegInf ? kNegInf : x_max * row_scale[half];
+        base[half] = x_max == kNegInf ? 0.0f : page_max[half];
+      }
+      SNAPMLA_TRACE(warp_group, n, 9);
       // e = 2^(x - m_n), f = e k_scale in place (a row that sees nothing of
       // the page: every x is -inf and e = 0, without -inf - -inf).
-      float e_sum[2] = {0.0f, 0.0f}, f_max[2] = {0.0f, 0.0f};
+      float e_chain[2][kChains], f_chain[2][kChains];
+#pragma unroll
+      for (int half = 0; half < 2; ++half)
+#pragma unroll
+        for (int k = 0; k < kChains; ++k) e_chain[half][k] = f_chain[half][k] = 0.0f;
 #pragma unroll
       for (int j = 0; j < 8; ++j)
 #pragma unroll
         for (int c = 0; c < 4; ++c) {
-          const int half = c >> 1;
-          const float base = page_max[half] == kNegInf ? 0.0f : page_max[half];
-          const float e = exp2_ftz(s[4 * j + c] - base);
-          e_sum[half] += e;
+          const int half = c >> 1, k = j % kChains;
+          const float e = exp2_ftz(fmaf(s[4 * j + c], row_scale[half], -base[half]));
+          e_chain[half][k] += e;
           s[4 * j + c] = e * ((c & 1) ? k_scale[j].y : k_scale[j].x);
-          f_max[half] = fmaxf(f_max[half], s[4 * j + c]);
+          f_chain[half][k] = fmaxf(f_chain[half][k], s[4 * j + c]);
         }
-      float inv_scale[2];
+      float e_sum[2], f_max[2], inv_scale[2];
 #pragma unroll
       for (int half = 0; half < 2; ++half) {
-        f_max[half] = quad_max(f_max[half]);
+        e_sum[half] = (e_chain[half][0] + e_chain[half][1]) + (e_chain[half][2] + e_chain[half][3]);
+        f_max[half] = quad_max(fmaxf(fmaxf(f_chain[half][0], f_chain[half][1]), fmaxf(f_chain[half][2], f_chain[half][3])));
+        // Approximate reciprocal (v11; the IEEE divisions were four
+        // slow-path-guarded sequences on the owner's chain): s_n inv_scale
+        // = 1 within a few ulp, far below the e4m3 rounding of P^.
         const bool any = f_max[half] > 0.0f;
-        inv_scale[half] = any ? kE4M3Max / f_max[half] : 1.0f;
-        f_max[half] = any ? f_max[half] / kE4M3Max : 1.0f;  // now s_n
+        inv_scale[half] = any ? __fdividef(kE4M3Max, f_max[half]) : 1.0f;
+        f_max[half] = any ? f_max[half] * (1.0f / kE4M3Max) : 1.0f;  // now s_n
       }
-      // The buffer's previous page (n - 2) is done in both warpgroups' PV.
-      if (n >= 2) wgmma::mbarrier_wait(barrier(Smem::kPEmpty, n), parity(n) ^ 1u);
-      const uint32_t p_tile = smem_base + Smem::kPTile + (n & 1) * Smem::kPTileBytes;
+      SNAPMLA_TRACE(warp_group, n, 10);
+      // The buffer's previous page (n - kPBuffers) is done in both warpgroups' PV.
+      if (n >= kPBuffers) wgmma::mbarrier_wait(p_barrier(Smem::kPEmpty, n), p_parity(n) ^ 1u);
+      const uint32_t p_tile = smem_base + Smem::kPTile + (n % kPBuffers) * Smem::kPTileBytes;
       // Token group jj of row r holds, at bytes 4 q .. 4 q + 3, tokens {2q,
       // 2q+1, 8+2q, 9+2q} of the group (V^T's order): exactly thread q's
       // columns j = 2 jj and 2 jj + 1.
@@ -562,7 +630,8 @@ __global__ void __launch_bounds__(kThreads, 1) mla_decode_fp8_wgmma_kernel(const
               token_quant::e4m3x2_bits(s[4 * (j0 + 1) + c0] * factor, s[4 * (j0 + 1) + c0 + 1] * factor);
           st_shared_u32(p_tile + wgmma::sw64_offset(local_row[half], jj) + 4 * quad_lane, lo | (hi << 16));
         }
-      uint8_t* stats = smem + Smem::kPageStats + (n & 1) * Smem::kPageStatsBytes;
+      SNAPMLA_TRACE(warp_group, n, 11);
+      uint8_t* stats = smem + Smem::kPageStats + (n % kPBuffers) * Smem::kPageStatsBytes;
 #pragma unroll
       for (int half = 0; half < 2; ++half) {
         if (quad_lane == 0)
@@ -570,7 +639,8 @@ __global__ void __launch_bounds__(kThreads, 1) mla_decode_fp8_wgmma_kernel(const
         reinterpret_cast<float*>(stats + Smem::kRowStatsBytes)[4 * local_row[half] + quad_lane] = e_sum[half];
       }
       wgmma::fence_proxy_async_shared();
-      wgmma::mbarrier_arrive(barrier(Smem::kPFull, n));
+      wgmma::mbarrier_arrive(p_barrier(Smem::kPFull, n));
+      SNAPMLA_TRACE(warp_group, n, 3);
     };
 
     // ---- every math warpgroup: O += P^_n V^_n for its 256 dims ----
@@ -580,8 +650,33 @@ __global__ void __launch_bounds__(kThreads, 1) mla_decode_fp8_wgmma_kernel(const
     // through it would truncate O once per page. Four n64 fragments, two in
     // flight: the fp32 add of one runs while the next is on the tensor cores.
     auto accumulate_page = [&](int n) {
-      wgmma::mbarrier_wait(barrier(Smem::kPFull, n), parity(n));
-      const uint8_t* stats = smem + Smem::kPageStats + (n & 1) * Smem::kPageStatsBytes;
+      SNAPMLA_TRACE(warp_group, n, 4);
+      wgmma::mbarrier_wait(p_barrier(Smem::kPFull, n), p_parity(n));
+      SNAPMLA_TRACE(warp_group, n, 5);
+      wgmma::mbarrier_wait(barrier(Smem::kVtFull, n), parity(n));
+      SNAPMLA_TRACE(warp_group, n, 6);
+      // P^ from shared memory (SS). Loading it into registers as the A
+      // operand (RS) measured the same (v8 notes) and costs 8 registers.
+      const uint32_t p_page = p_desc + (((n % kPBuffers) * Smem::kPTileBytes) >> 4);
+      const uint32_t vt_page = vt_desc + (((n & 1) * Smem::kVtBytes) >> 4);
+      float product[2][kPvRegs];
+      auto issue_pv = [&](int step, float (&d)[kPvRegs]) {
+        wgmma::fence_registers(d);
+        wgmma::fence();
+#pragma unroll
+        for (int kk = 0; kk < 2; ++kk)
+          wgmma::mma_64x64x32_e4m3_ss(
+              d, wgmma::desc_at(p_page, 32 * kk, wgmma::Swizzle::k64B),
+              wgmma::desc_at(vt_page, step * kPvN * kVtRowBytes + 32 * kk, wgmma::Swizzle::k64B), kk > 0);
+        wgmma::commit();
+      };
+      // v11: the first two fragments go to the tensor cores before the page's
+      // statistics are read and turned into factors (a chain of shared loads,
+      // exp2 and a vote: ~300 cycles the v10 trace showed between "P full"
+      // and the first PV).
+      issue_pv(0, product[0]);
+      issue_pv(1, product[1]);
+      const uint8_t* stats = smem + Smem::kPageStats + (n % kPBuffers) * Smem::kPageStatsBytes;
       float factor[2];
       bool rescale = false;
       float rescale_by[2] = {1.0f, 1.0f};
@@ -602,22 +697,6 @@ __global__ void __launch_bounds__(kThreads, 1) mla_decode_fp8_wgmma_kernel(const
 #pragma unroll
         for (int i = 0; i < 128; ++i) acc[i] *= rescale_by[(i >> 1) & 1];
       }
-      wgmma::mbarrier_wait(barrier(Smem::kVtFull, n), parity(n));
-      // P^ from shared memory (SS). Loading it into registers as the A
-      // operand (RS) measured the same (v8 notes) and costs 8 registers.
-      const uint32_t p_page = p_desc + (((n & 1) * Smem::kPTileBytes) >> 4);
-      const uint32_t vt_page = vt_desc + (((n & 1) * Smem::kVtBytes) >> 4);
-      float product[2][kPvRegs];
-      auto issue_pv = [&](int step, float (&d)[kPvRegs]) {
-        wgmma::fence_registers(d);
-        wgmma::fence();
-#pragma unroll
-        for (int kk = 0; kk < 2; ++kk)
-          wgmma::mma_64x64x32_e4m3_ss(
-              d, wgmma::desc_at(p_page, 32 * kk, wgmma::Swizzle::k64B),
-              wgmma::desc_at(vt_page, step * kPvN * kVtRowBytes + 32 * kk, wgmma::Swizzle::k64B), kk > 0);
-        wgmma::commit();
-      };
       // product[4 j + c] of step n is dim kPvN n + 8 j + 2 (lane % 4) + (c & 1)
       // of the warpgroup's 256: acc index kPvRegs n + 4 j + c.
       auto add_pv = [&](int step, float (&d)[kPvRegs]) {
@@ -628,8 +707,6 @@ __global__ void __launch_bounds__(kThreads, 1) mla_decode_fp8_wgmma_kernel(const
           o = fmaf(d[i], factor[(i >> 1) & 1], o);
         }
       };
-      issue_pv(0, product[0]);
-      issue_pv(1, product[1]);
 #pragma unroll
       for (int step = 0; step < kPvSteps; ++step) {
         if (step + 1 < kPvSteps) {
@@ -641,8 +718,9 @@ __global__ void __launch_bounds__(kThreads, 1) mla_decode_fp8_wgmma_kernel(const
         if (step + 2 < kPvSteps) issue_pv(step + 2, product[step & 1]);
       }
       // This warpgroup's PV has read V^T and P^ (and the stats, above).
-      wgmma::mbarrier_arrive(barrier(Smem::kPEmpty, n));
+      wgmma::mbarrier_arrive(p_barrier(Smem::kPEmpty, n));
       wgmma::mbarrier_arrive(barrier(Smem::kVtEmpty, n));
+      SNAPMLA_TRACE(warp_group, n, 7);
     };
 
     // The seesaw: own pages' scores, each followed by the PV of every page up
@@ -652,7 +730,7 @@ __global__ void __launch_bounds__(kThreads, 1) mla_decode_fp8_wgmma_kernel(const
     int next_pv = n_begin;
     const int first_own = n_begin + ((n_begin & 1) != warp_group ? 1 : 0);
     if (first_own != n_begin && first_own < n_end)
-      wgmma::mbarrier_wait(barrier(Smem::kPFull, n_begin), parity(n_begin));
+      wgmma::mbarrier_wait(p_barrier(Smem::kPFull, n_begin), p_parity(n_begin));
 #pragma unroll 1
     for (int n = first_own; n < n_end; n += 2) {
       score_page(n, piece.page_begin + (n - n_begin));
