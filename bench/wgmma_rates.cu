@@ -17,6 +17,7 @@
 #include <vector>
 
 #include "cuda/check.h"
+#include "cuda/sm90/mma.cuh"
 #include "cuda/sm90/wgmma.cuh"
 
 namespace {
@@ -28,19 +29,11 @@ constexpr int kTileRows = 256;  // B tile rows (the largest N); A uses the first
 constexpr int kTileBytes = kTileRows * 128;
 constexpr int kStepsPerRow = 4;  // k steps of 32 bytes in a 128-byte SW128 row
 
-template <class Atom, int N, bool kRs, size_t... I>
-__device__ __forceinline__ void issue(float (&d)[N / 2], const uint32_t (&a)[4], uint64_t desc_a, uint64_t desc_b,
-                                      std::index_sequence<I...>) {
-  if constexpr (kRs)
-    Atom::fma(a[0], a[1], a[2], a[3], desc_b, d[I]..., gmma::ScaleOut::One);
-  else
-    Atom::fma(desc_a, desc_b, d[I]..., gmma::ScaleOut::One);
-}
-
 template <class Atom, int N, bool kRs, bool kBf16>
 __global__ void __launch_bounds__(256, 1) rate_kernel(int iterations, int warp_groups, long long* cycles, float* sink) {
   extern __shared__ __align__(1024) uint8_t smem_raw[];
-  const uint32_t raw = static_cast<uint32_t>(__cvta_generic_to_shared(smem_raw));
+  // The swizzled tiles start 1024-byte aligned, as in the decode kernels.
+  const uint32_t raw = smem_address(smem_raw);
   const uint32_t base = (raw + 1023u) & ~1023u;
   uint8_t* smem = smem_raw + (base - raw);
   // Random values in [-1, 1): no NaN or Inf bit patterns, no zeros.
@@ -72,9 +65,14 @@ __global__ void __launch_bounds__(256, 1) rate_kernel(int iterations, int warp_g
   for (int it = 0; it < iterations; ++it) {
     wgmma::fence();
 #pragma unroll
-    for (int k = 0; k < kStepsPerRow; ++k)
-      issue<Atom, N, kRs>(d, a_regs, wgmma::desc_at(a_desc, 32 * k, wgmma::Swizzle::k128B),
-                          wgmma::desc_at(b_desc, 32 * k, wgmma::Swizzle::k128B), std::make_index_sequence<N / 2>{});
+    for (int k = 0; k < kStepsPerRow; ++k) {
+      const uint64_t b = wgmma::desc_at(b_desc, 32 * k, wgmma::Swizzle::k128B);
+      if constexpr (kRs)
+        wgmma::detail::rs<Atom>(d, a_regs, b, gmma::ScaleOut::One, std::make_index_sequence<N / 2>{});
+      else
+        wgmma::detail::ss<Atom>(d, wgmma::desc_at(a_desc, 32 * k, wgmma::Swizzle::k128B), b, gmma::ScaleOut::One,
+                                std::make_index_sequence<N / 2>{});
+    }
     wgmma::commit();
     wgmma::wait<1>();
   }

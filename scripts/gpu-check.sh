@@ -20,12 +20,18 @@ note() { echo "$*" | tee -a "$summary"; }
 
 note "$(nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.sm,clocks.max.sm --format=csv,noheader)"
 jobs=$(nproc)
-# bench and profile need only the CLI.
+# bench, profile and trace need only the CLI (trace: its own build with the kernel's trace points).
+build=build-gpu
 targets=""
-case "$mode" in bench|profile|trace) targets="--target snapmla" ;; rates) targets="--target snapmla_wgmma_rates" ;; esac
+cuda_flags=""
+case "$mode" in
+  bench|profile) targets="--target snapmla" ;;
+  trace) build=build-trace; targets="--target snapmla"; cuda_flags="-DCMAKE_CUDA_FLAGS=-DSNAPMLA_DECODE_TRACE" ;;
+  rates) targets="--target snapmla_wgmma_rates" ;;
+esac
 t0=$(date +%s)
-if ! { cmake -S . -B build-gpu -G Ninja -DCMAKE_BUILD_TYPE=Release >"$OUT/build.log" 2>&1 &&
-       cmake --build build-gpu -j"$jobs" $targets >>"$OUT/build.log" 2>&1; }; then
+if ! { cmake -S . -B "$build" -G Ninja -DCMAKE_BUILD_TYPE=Release $cuda_flags >"$OUT/build.log" 2>&1 &&
+       cmake --build "$build" -j"$jobs" $targets >>"$OUT/build.log" 2>&1; }; then
   grep -E "error|Error" -A3 "$OUT/build.log" | head -n 60
   echo "BUILD FAILED"
   exit 1
@@ -69,9 +75,7 @@ if [ "$mode" = all ] || [ "$mode" = bench ]; then
 fi
 
 if [ "$mode" = trace ]; then
-  cmake -S . -B build-trace -G Ninja -DCMAKE_BUILD_TYPE=Release -DCMAKE_CUDA_FLAGS=-DSNAPMLA_DECODE_TRACE \
-    >"$OUT/trace-build.log" 2>&1 && cmake --build build-trace -j"$jobs" --target snapmla >>"$OUT/trace-build.log" 2>&1
-  timeout 120 build-trace/snapmla bench --format fp8 --only "${TRACE_CONFIG:-b64_sq2_h128_sk8192}" --groups 1 \
+  timeout 120 "$build"/snapmla bench --format fp8 --only "${TRACE_CONFIG:-b64_sq2_h128_sk8192}" --groups 1 \
     --calls 5 >"$OUT/trace.txt" 2>&1
   note "trace: exit $? (${TRACE_CONFIG:-b64_sq2_h128_sk8192})"
 fi

@@ -21,7 +21,7 @@
 //   softmax on the page alone: x = S q_scale k_scale scale_log2 (log2 units),
 //        m_n = max x, e = 2^(x - m_n), f = e k_scale (V's per-token scale
 //        folded into P), P scale s_n = max f / 448, P^ = e4m3(f / s_n) into
-//        P tile n % 2 (K-major SW64, V^T's token order), and per row (m_n,
+//        P tile n % 4 (K-major SW64, V^T's token order), and per row (m_n,
 //        s_n) plus this thread's part of sum e. Quantizing relative to the
 //        page's own maximum gives the same P^ as relative to the running
 //        maximum (P^ is invariant to a per-row factor), so no exchange
@@ -53,6 +53,7 @@
 
 #include <cuda_runtime.h>
 
+#include <cfloat>
 #include <cstdint>
 
 #include "core/numeric.h"
@@ -133,6 +134,10 @@ __device__ long long g_decode_trace[3][kTracePages][12];
 inline constexpr int kStages = 2;
 inline constexpr int kVtBuffers = 2;
 inline constexpr int kPBuffers = 4;
+// The buffer page n (>= 0) uses; unsigned, so that a power-of-two count is a mask.
+__device__ __forceinline__ int buffer_of(int n, int count) {
+  return static_cast<int>(static_cast<unsigned>(n) % static_cast<unsigned>(count));
+}
 
 struct Smem {
   static constexpr int kQ = 0;
@@ -376,7 +381,7 @@ __device__ __forceinline__ void run_producer(const DecodeKernelParams& p, const 
   }
 #pragma unroll 1
   for (int n = 0; has_page(part, compute); ++n, next_page(p, part, compute)) {
-    const int stage = n % kStages, vt_buffer = n & 1;
+    const int stage = buffer_of(n, kStages), vt_buffer = buffer_of(n, kVtBuffers);
     SNAPMLA_TRACE(2, n, 0);
     // The page ahead's block-table load is in flight during the V^T build
     // (its copy cannot be: it refills this page's stage, V^T's source).
@@ -458,12 +463,10 @@ __global__ void __launch_bounds__(kThreads, 1) mla_decode_fp8_wgmma_kernel(const
   const uint32_t vt_desc =
       wgmma::desc_low_word(smem_base + Smem::kVt + warp_group * kDimsPerWarpGroup * kVtRowBytes);
   const uint32_t stage_desc = wgmma::desc_low_word(smem_base + Smem::kStage0 + warp_group * Smem::kStageBytes);
-  // Page n's barrier of a pair (stages, V^T) and its phase parity; p_barrier / p_parity for
-  // the kPBuffers P^ buffers.
-  auto barrier = [&](int kind, int n) { return smem_base + kind + 8 * (n & 1); };
-  auto parity = [](int n) { return static_cast<uint32_t>((n >> 1) & 1); };
-  auto p_barrier = [&](int kind, int n) { return smem_base + kind + 8 * (n % kPBuffers); };
-  auto p_parity = [](int n) { return static_cast<uint32_t>((n / kPBuffers) & 1); };
+  // Page n's barrier of a kind whose buffers (kStages, kVtBuffers, kPBuffers: `count`) it
+  // uses in turn, and the phase parity of its use.
+  auto barrier = [&](int kind, int n, int count) { return smem_base + kind + 8 * buffer_of(n, count); };
+  auto parity = [](int n, int count) { return (static_cast<uint32_t>(n) / count) & 1u; };
   int page_count = 0;  // pages of the CTA before the current piece
 
   for (int batch = part.begin_batch; batch <= part.end_batch; ++batch) {
@@ -482,8 +485,8 @@ __global__ void __launch_bounds__(kThreads, 1) mla_decode_fp8_wgmma_kernel(const
     math_sync();  // Q and its scales, visible to wgmma
     // Kept positive (an all-zero query row has scale 0 and scores 0 either way), so that
     // it commutes with the page maximum.
-    const float row_scale[2] = {fmaxf(q_scale_smem[local_row[0]] * p.scale_log2, 1.17549435e-38f),
-                                fmaxf(q_scale_smem[local_row[1]] * p.scale_log2, 1.17549435e-38f)};
+    const float row_scale[2] = {fmaxf(q_scale_smem[local_row[0]] * p.scale_log2, FLT_MIN),
+                                fmaxf(q_scale_smem[local_row[1]] * p.scale_log2, FLT_MIN)};
     int visible[2];
     visible_tokens_of_rows(p, piece, tile_row0, local_row, visible);
 
@@ -496,9 +499,9 @@ __global__ void __launch_bounds__(kThreads, 1) mla_decode_fp8_wgmma_kernel(const
 
     // ---- owner: scores, softmax and P^ of page n (piece page `page`) ----
     auto score_page = [&](int n, int page) {
-      const uint32_t stage_base = smem_base + Smem::kStage0 + (n & 1) * Smem::kStageBytes;
+      const uint32_t stage_base = smem_base + Smem::kStage0 + buffer_of(n, kStages) * Smem::kStageBytes;
       SNAPMLA_TRACE(warp_group, n, 0);
-      wgmma::mbarrier_wait(barrier(Smem::kStageFull, n), parity(n));
+      wgmma::mbarrier_wait(barrier(Smem::kStageFull, n, kStages), parity(n, kStages));
       SNAPMLA_TRACE(warp_group, n, 1);
       // The copies were cp.async writes (generic proxy), nobody fenced them, and wgmma reads
       // through the async proxy.
@@ -544,7 +547,7 @@ __global__ void __launch_bounds__(kThreads, 1) mla_decode_fp8_wgmma_kernel(const
       for (int j = 0; j < 8; ++j) k_scale[j] = *reinterpret_cast<const float2*>(k_scale_smem + token0 + 8 * j);
       const int valid_tokens = *reinterpret_cast<const int*>(smem + (stage_base - smem_base) + Smem::kStageValid);
       // QK is complete and the scales and valid count are read: the stage may be refilled.
-      wgmma::mbarrier_arrive(barrier(Smem::kStageEmpty, n));
+      wgmma::mbarrier_arrive(barrier(Smem::kStageEmpty, n, kStages));
 
       int keep_below[2];  // tokens of the page this row sees
 #pragma unroll
@@ -614,8 +617,8 @@ __global__ void __launch_bounds__(kThreads, 1) mla_decode_fp8_wgmma_kernel(const
       }
       SNAPMLA_TRACE(warp_group, n, 10);
       // The buffer's previous page (n - kPBuffers) is done in both warpgroups' PV.
-      if (n >= kPBuffers) wgmma::mbarrier_wait(p_barrier(Smem::kPEmpty, n), p_parity(n) ^ 1u);
-      const uint32_t p_tile = smem_base + Smem::kPTile + (n % kPBuffers) * Smem::kPTileBytes;
+      if (n >= kPBuffers) wgmma::mbarrier_wait(barrier(Smem::kPEmpty, n, kPBuffers), parity(n, kPBuffers) ^ 1u);
+      const uint32_t p_tile = smem_base + Smem::kPTile + buffer_of(n, kPBuffers) * Smem::kPTileBytes;
       // Token group jj of row r holds, at bytes 4 q .. 4 q + 3, tokens {2q,
       // 2q+1, 8+2q, 9+2q} of the group (V^T's order): exactly thread q's
       // columns j = 2 jj and 2 jj + 1.
@@ -631,7 +634,7 @@ __global__ void __launch_bounds__(kThreads, 1) mla_decode_fp8_wgmma_kernel(const
           st_shared_u32(p_tile + wgmma::sw64_offset(local_row[half], jj) + 4 * quad_lane, lo | (hi << 16));
         }
       SNAPMLA_TRACE(warp_group, n, 11);
-      uint8_t* stats = smem + Smem::kPageStats + (n % kPBuffers) * Smem::kPageStatsBytes;
+      uint8_t* stats = smem + Smem::kPageStats + buffer_of(n, kPBuffers) * Smem::kPageStatsBytes;
 #pragma unroll
       for (int half = 0; half < 2; ++half) {
         if (quad_lane == 0)
@@ -639,7 +642,7 @@ __global__ void __launch_bounds__(kThreads, 1) mla_decode_fp8_wgmma_kernel(const
         reinterpret_cast<float*>(stats + Smem::kRowStatsBytes)[4 * local_row[half] + quad_lane] = e_sum[half];
       }
       wgmma::fence_proxy_async_shared();
-      wgmma::mbarrier_arrive(p_barrier(Smem::kPFull, n));
+      wgmma::mbarrier_arrive(barrier(Smem::kPFull, n, kPBuffers));
       SNAPMLA_TRACE(warp_group, n, 3);
     };
 
@@ -651,14 +654,14 @@ __global__ void __launch_bounds__(kThreads, 1) mla_decode_fp8_wgmma_kernel(const
     // flight: the fp32 add of one runs while the next is on the tensor cores.
     auto accumulate_page = [&](int n) {
       SNAPMLA_TRACE(warp_group, n, 4);
-      wgmma::mbarrier_wait(p_barrier(Smem::kPFull, n), p_parity(n));
+      wgmma::mbarrier_wait(barrier(Smem::kPFull, n, kPBuffers), parity(n, kPBuffers));
       SNAPMLA_TRACE(warp_group, n, 5);
-      wgmma::mbarrier_wait(barrier(Smem::kVtFull, n), parity(n));
+      wgmma::mbarrier_wait(barrier(Smem::kVtFull, n, kVtBuffers), parity(n, kVtBuffers));
       SNAPMLA_TRACE(warp_group, n, 6);
       // P^ from shared memory (SS). Loading it into registers as the A
       // operand (RS) measured the same (v8 notes) and costs 8 registers.
-      const uint32_t p_page = p_desc + (((n % kPBuffers) * Smem::kPTileBytes) >> 4);
-      const uint32_t vt_page = vt_desc + (((n & 1) * Smem::kVtBytes) >> 4);
+      const uint32_t p_page = p_desc + ((buffer_of(n, kPBuffers) * Smem::kPTileBytes) >> 4);
+      const uint32_t vt_page = vt_desc + ((buffer_of(n, kVtBuffers) * Smem::kVtBytes) >> 4);
       float product[2][kPvRegs];
       auto issue_pv = [&](int step, float (&d)[kPvRegs]) {
         wgmma::fence_registers(d);
@@ -676,7 +679,7 @@ __global__ void __launch_bounds__(kThreads, 1) mla_decode_fp8_wgmma_kernel(const
       // and the first PV).
       issue_pv(0, product[0]);
       issue_pv(1, product[1]);
-      const uint8_t* stats = smem + Smem::kPageStats + (n % kPBuffers) * Smem::kPageStatsBytes;
+      const uint8_t* stats = smem + Smem::kPageStats + buffer_of(n, kPBuffers) * Smem::kPageStatsBytes;
       float factor[2];
       bool rescale = false;
       float rescale_by[2] = {1.0f, 1.0f};
@@ -718,8 +721,8 @@ __global__ void __launch_bounds__(kThreads, 1) mla_decode_fp8_wgmma_kernel(const
         if (step + 2 < kPvSteps) issue_pv(step + 2, product[step & 1]);
       }
       // This warpgroup's PV has read V^T and P^ (and the stats, above).
-      wgmma::mbarrier_arrive(p_barrier(Smem::kPEmpty, n));
-      wgmma::mbarrier_arrive(barrier(Smem::kVtEmpty, n));
+      wgmma::mbarrier_arrive(barrier(Smem::kPEmpty, n, kPBuffers));
+      wgmma::mbarrier_arrive(barrier(Smem::kVtEmpty, n, kVtBuffers));
       SNAPMLA_TRACE(warp_group, n, 7);
     };
 
@@ -730,7 +733,7 @@ __global__ void __launch_bounds__(kThreads, 1) mla_decode_fp8_wgmma_kernel(const
     int next_pv = n_begin;
     const int first_own = n_begin + ((n_begin & 1) != warp_group ? 1 : 0);
     if (first_own != n_begin && first_own < n_end)
-      wgmma::mbarrier_wait(p_barrier(Smem::kPFull, n_begin), p_parity(n_begin));
+      wgmma::mbarrier_wait(barrier(Smem::kPFull, n_begin, kPBuffers), parity(n_begin, kPBuffers));
 #pragma unroll 1
     for (int n = first_own; n < n_end; n += 2) {
       score_page(n, piece.page_begin + (n - n_begin));
