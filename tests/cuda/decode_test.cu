@@ -355,6 +355,28 @@ TEST_P(CudaDecode, Fp8AcceptanceAtServingShapes) {
               KvFormat::kFP8, kFp8MaxRelL2Dense);
 }
 
+// The wgmma kernels cache their pools' TMA maps. An fp8 pool whose NoPE array
+// sits where the last pool's did (freed and reallocated, or shared) but whose
+// scales and RoPE do not must get maps of its own: v12's first cache, keyed
+// on the NoPE address alone, read the old pool's scales and RoPE here.
+TEST_P(CudaDecode, Fp8PoolSharingTheNopeArrayOfTheLast) {
+  SKIP_WITHOUT_HOPPER();
+  GpuDecode first(make_spec(2, 1, 64, {700, 300}, Distribution::kGaussian, 521), KvFormat::kFP8);
+  GpuDecode second(make_spec(2, 1, 64, {700, 300}, Distribution::kGaussian, 522), KvFormat::kFP8);
+  ASSERT_EQ(first.host_cache.num_pages, second.host_cache.num_pages);
+  first.run();
+  // The second pool's NoPE bytes moved into the first's array.
+  SNAPMLA_CUDA_CHECK(cudaMemcpy(first.cache_nope.get(), second.cache_nope.get(), second.cache_nope.bytes(),
+                                cudaMemcpyDeviceToDevice));
+  DecodeParams p = second.params();
+  p.cache = KvCacheView::fp8(first.cache_nope.get(), second.cache_scale.get(), second.cache_rope.get(),
+                             second.host_cache.num_pages, kGpu);
+  const reference::DecodeResult got = second.run(p);
+  const reference::DecodeResult paged = second.reference_paged();
+  expect_all_written(got, paged);
+  EXPECT_LE(reference::compare(got.out, paged.out).rel_l2, kFp8MaxRelL2Paged);
+}
+
 // The bf16 cache at serving-sized sequences (many pages per CTA: every stage
 // reused many times, and split pieces that start on an odd page).
 TEST_P(CudaDecode, Bf16AtServingShapes) {

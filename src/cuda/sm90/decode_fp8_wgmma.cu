@@ -4,6 +4,7 @@
 #include "cuda/check.h"
 #include "cuda/sm90/decode_launch.cuh"
 #include "cuda/sm90/decode_wgmma_kernel.cuh"
+#include "cuda/sm90/tensor_maps.h"
 
 namespace snapmla::cuda::sm90 {
 
@@ -40,12 +41,11 @@ void print_decode_trace() {
 #endif
 
 void launch_decode_fp8_wgmma(const DecodeKernelParams& params, cudaStream_t stream) {
-  using wgmma_decode::Smem;
-  auto* kernel = &wgmma_decode::mla_decode_fp8_wgmma_kernel;
-  SNAPMLA_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, Smem::kAllocBytes));
-  const dim3 grid((params.rows + wgmma_decode::kRows - 1) / wgmma_decode::kRows, params.num_parts);
-  kernel<<<grid, wgmma_decode::kThreads, Smem::kAllocBytes, stream>>>(params);
-  SNAPMLA_CUDA_CHECK_LAUNCH();
+  using namespace wgmma_decode;
+  // A pool TMA cannot address goes the cp.async way.
+  const bool tma = pool_fits_tma(params);
+  launch_wgmma_decode(tma ? &mla_decode_fp8_wgmma_kernel<true> : &mla_decode_fp8_wgmma_kernel<false>, kRows, kThreads,
+                      Smem::kAllocBytes, params, tma ? fp8_cache_maps(params) : Fp8CacheMaps{}, stream);
 #ifdef SNAPMLA_DECODE_TRACE
   // The 4th launch: a benchmark's warm-up is over (`snapmla bench --groups 1`).
   static int launches = 0;

@@ -26,6 +26,18 @@ const char* decode_kernel_name(DecodeKernelChoice kernel);
 void launch_decode_fp8_wgmma(const DecodeKernelParams& params, cudaStream_t stream);
 void launch_decode_bf16_wgmma(const DecodeKernelParams& params, cudaStream_t stream);
 
+// A wgmma decode kernel (CTAs of `rows_per_cta` query rows) with its pool's
+// TMA maps (a __grid_constant__ parameter; tensor_maps.h) and the dynamic
+// shared memory it needs.
+template <class Maps>
+void launch_wgmma_decode(void (*kernel)(DecodeKernelParams, Maps), int rows_per_cta, int threads, int smem_bytes,
+                         const DecodeKernelParams& params, const Maps& maps, cudaStream_t stream) {
+  SNAPMLA_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem_bytes));
+  const dim3 grid((params.rows + rows_per_cta - 1) / rows_per_cta, params.num_parts);
+  kernel<<<grid, threads, smem_bytes, stream>>>(params, maps);
+  SNAPMLA_CUDA_CHECK_LAUNCH();
+}
+
 template <KvFormat kFormat, int kRowGroups>
 void launch_decode_instance(const DecodeKernelParams& params, cudaStream_t stream) {
   using Smem = DecodeSmem<kFormat, kRowGroups>;

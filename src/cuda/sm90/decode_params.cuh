@@ -105,10 +105,13 @@ __device__ __forceinline__ SequencePiece sequence_piece(const DecodeKernelParams
 // page index outside the pool (or past the block table's row) gives 0 valid
 // tokens (so the page is never read and counts as masked) and physical 0; the
 // `reporter` thread flags it in p.status.
-__device__ __forceinline__ int resolve_page(const DecodeKernelParams& p, const SequencePiece& piece, int page,
-                                            bool reporter, int64_t* physical) {
-  const int64_t id =
-      page < p.max_pages ? p.block_table[static_cast<int64_t>(piece.batch) * p.max_pages + page] : -1;
+// In two steps for callers that hide the block table's latency: the entry
+// (a global load; -1 past the table's row), then its checks.
+__device__ __forceinline__ int64_t block_table_entry(const DecodeKernelParams& p, const SequencePiece& piece, int page) {
+  return page < p.max_pages ? p.block_table[static_cast<int64_t>(piece.batch) * p.max_pages + page] : -1;
+}
+__device__ __forceinline__ int resolve_entry(const DecodeKernelParams& p, const SequencePiece& piece, int page,
+                                             int64_t id, bool reporter, int64_t* physical) {
   if (id < 0 || id >= p.num_pages) {
     if (reporter) atomicOr(p.status, kStatusBadPage);
     *physical = 0;
@@ -116,6 +119,10 @@ __device__ __forceinline__ int resolve_page(const DecodeKernelParams& p, const S
   }
   *physical = id;
   return min(kPageSize, piece.s_k - page * kPageSize);
+}
+__device__ __forceinline__ int resolve_page(const DecodeKernelParams& p, const SequencePiece& piece, int page,
+                                            bool reporter, int64_t* physical) {
+  return resolve_entry(p, piece, page, block_table_entry(p, piece, page), reporter, physical);
 }
 
 // The walk over a CTA's pages in order, across the pieces of its SchedulePart;

@@ -60,6 +60,7 @@
 #include "core/schedule.h"
 #include "cuda/sm90/decode_params.cuh"
 #include "cuda/sm90/mma.cuh"
+#include "cuda/sm90/tensor_maps.h"
 #include "cuda/sm90/token_quant.cuh"
 #include "cuda/sm90/wgmma.cuh"
 #include "snapmla/kv_format.h"
@@ -356,18 +357,47 @@ __device__ __forceinline__ int load_page(const DecodeKernelParams& p, const Sequ
 // Prefetching pages 4 ahead into L2 (cp.async.bulk.prefetch, block-table
 // entries resolved an iteration early) was 2-4% slower (v9 notes): the page
 // time is not the copies' latency.
+// kTma (v12): a page with all its tokens valid is loaded by TMA, six boxes
+// issued by thread 0 (the copy issue had cost the producer ~850 cycles of
+// its ~3200-cycle page in the v10 trace: 21 cp.async per thread); a partial
+// or bad page by cp.async with zero-filled rows, as without kTma.
 inline constexpr int kProducerBarrier = 2;  // named barrier id (the math warpgroups use 1)
+inline constexpr uint32_t kTmaPageBytes = kNopeTiles * kTileBytes + kTileBytes + kPageSize * 4;
+template <bool kTma>
 __device__ __forceinline__ void run_producer(const DecodeKernelParams& p, const SchedulePart& part,
-                                             uint32_t smem_base, uint8_t* smem, int thread) {
+                                             uint32_t smem_base, uint8_t* smem, int thread,
+                                             const Fp8CacheMaps* maps) {
   const int warp = thread >> 5, lane = thread & 31;
   auto stage_base = [&](int stage) { return smem_base + Smem::kStage0 + stage * Smem::kStageBytes; };
   auto stage_full = [&](int stage) { return smem_base + Smem::kStageFull + 8 * stage; };
+  if (kTma && thread == 0) {
+    wgmma::prefetch_tensor_map(&maps->nope);
+    wgmma::prefetch_tensor_map(&maps->rope);
+    wgmma::prefetch_tensor_map(&maps->scale);
+  }
+  // Stage full completes after 129 arrivals (every producer thread, and thread 0 once more
+  // after writing the valid count) and, for a TMA page, its bytes.
   auto copy_resolved = [&](int64_t physical, int valid, int stage) {
+    const uint32_t bar = stage_full(stage);
+    if (kTma && valid == kPageSize) {
+      if (thread == 0) {
+        *reinterpret_cast<int*>(smem + Smem::kStage0 + stage * Smem::kStageBytes + Smem::kStageValid) = valid;
+        wgmma::mbarrier_arrive_expect_tx(bar, kTmaPageBytes);
+        const int row = static_cast<int>(physical) * kPageSize;
+#pragma unroll
+        for (int tile = 0; tile < kNopeTiles; ++tile)
+          wgmma::tma_load_2d(stage_base(stage) + tile * kTileBytes, &maps->nope, tile * kTileRowBytes, row, bar);
+        wgmma::tma_load_2d(stage_base(stage) + Smem::kStageRope, &maps->rope, 0, row, bar);
+        wgmma::tma_load_2d(stage_base(stage) + Smem::kStageScale, &maps->scale, 0, static_cast<int>(physical), bar);
+      }
+      wgmma::mbarrier_arrive(bar);
+      return;
+    }
     load_resolved_page<kProducerThreads>(p, physical, valid, stage_base(stage), thread);
-    cp_async_arrive_noinc(stage_full(stage));
+    cp_async_arrive_noinc(bar);
     if (thread == 0) {
       *reinterpret_cast<int*>(smem + Smem::kStage0 + stage * Smem::kStageBytes + Smem::kStageValid) = valid;
-      wgmma::mbarrier_arrive(stage_full(stage));
+      wgmma::mbarrier_arrive(bar);
     }
   };
   PageCursor compute = first_page(p, part);
@@ -384,11 +414,12 @@ __device__ __forceinline__ void run_producer(const DecodeKernelParams& p, const 
     const int stage = buffer_of(n, kStages), vt_buffer = buffer_of(n, kVtBuffers);
     SNAPMLA_TRACE(2, n, 0);
     // The page ahead's block-table load is in flight during the V^T build
-    // (its copy cannot be: it refills this page's stage, V^T's source).
+    // (its copy cannot be: it refills this page's stage, V^T's source), and
+    // checked only after it (v12: v6-v11 checked it at once, which put one
+    // global-memory latency, 300-600 cycles in the v10 trace, on the
+    // producer's per-page chain, the kernel's critical path).
     const bool copy_ahead = has_page(part, ahead);
-    int64_t ahead_physical = 0;
-    int ahead_valid = 0;
-    if (copy_ahead) ahead_valid = resolve_page(p, ahead.piece, ahead.page, thread == 0, &ahead_physical);
+    const int64_t ahead_entry = copy_ahead ? block_table_entry(p, ahead.piece, ahead.page) : -1;
     wgmma::mbarrier_wait(stage_full(stage), (n / kStages) & 1);
     SNAPMLA_TRACE(2, n, 1);
     if (n >= 2) wgmma::mbarrier_wait(smem_base + Smem::kVtEmpty + 8 * vt_buffer, ((n >> 1) - 1) & 1);
@@ -406,6 +437,8 @@ __device__ __forceinline__ void run_producer(const DecodeKernelParams& p, const 
       wgmma::named_barrier_sync(kProducerBarrier, kProducerThreads);  // nobody reads the stage any more
       wgmma::mbarrier_wait(smem_base + Smem::kStageEmpty + 8 * stage, (n / kStages) & 1);
       SNAPMLA_TRACE(2, n, 4);
+      int64_t ahead_physical;
+      const int ahead_valid = resolve_entry(p, ahead.piece, ahead.page, ahead_entry, thread == 0, &ahead_physical);
       copy_resolved(ahead_physical, ahead_valid, stage);
       SNAPMLA_TRACE(2, n, 5);
       next_page(p, part, ahead);
@@ -413,7 +446,10 @@ __device__ __forceinline__ void run_producer(const DecodeKernelParams& p, const 
   }
 }
 
-__global__ void __launch_bounds__(kThreads, 1) mla_decode_fp8_wgmma_kernel(const DecodeKernelParams p) {
+// maps: the pool's TMA maps (tensor_maps.h); unused without kTma.
+template <bool kTma>
+__global__ void __launch_bounds__(kThreads, 1)
+    mla_decode_fp8_wgmma_kernel(const DecodeKernelParams p, const __grid_constant__ Fp8CacheMaps maps) {
   extern __shared__ __align__(1024) uint8_t smem_raw[];
   // The swizzle is a function of address bits 4..9, so tiles start 1024-byte aligned.
   const uint32_t raw_base = smem_address(smem_raw);
@@ -444,11 +480,13 @@ __global__ void __launch_bounds__(kThreads, 1) mla_decode_fp8_wgmma_kernel(const
       wgmma::mbarrier_init(smem_base + Smem::kPFull + 8 * i, 128);  // the page's owner
       wgmma::mbarrier_init(smem_base + Smem::kPEmpty + 8 * i, kMathThreads);
     }
+    // The barriers' initialization, for the TMA unit's complete_tx.
+    if constexpr (kTma) asm volatile("fence.mbarrier_init.release.cluster;\n" ::: "memory");
   }
   __syncthreads();  // the last CTA-wide barrier: from here on the roles synchronise apart
   if (warp_group == kWarpGroups) {
     wgmma::set_max_registers_decrease<kProducerRegisters>();
-    run_producer(p, part, smem_base, smem, tid - kMathThreads);
+    run_producer<kTma>(p, part, smem_base, smem, tid - kMathThreads, &maps);
     return;
   }
   wgmma::set_max_registers_increase<kMathRegisters>();
