@@ -7,6 +7,7 @@
 
 #include "cuda/check.h"
 #include "cuda/sm90/decode_params.cuh"
+#include "cuda/sm90/dependent_launch.cuh"
 #include "cuda/sm90/token_quant.cuh"
 
 namespace snapmla::cuda::sm90 {
@@ -18,6 +19,7 @@ constexpr int kLaneSteps = kHeadDimV / (32 * kDimsPerLaneStep);
 
 __global__ void __launch_bounds__(kCombineRowsPerBlock * 32)
     mla_decode_combine_kernel(const DecodeKernelParams p) {
+  wait_for_prior_kernel();  // the decode kernel's partials
   const int batch = blockIdx.y;
   const int row = blockIdx.x * kCombineRowsPerBlock + static_cast<int>(threadIdx.x >> 5);
   const int lane = threadIdx.x & 31;
@@ -67,8 +69,7 @@ __global__ void __launch_bounds__(kCombineRowsPerBlock * 32)
 
 void launch_decode_combine(const DecodeKernelParams& params, cudaStream_t stream) {
   const dim3 grid((params.rows + kCombineRowsPerBlock - 1) / kCombineRowsPerBlock, params.batch);
-  mla_decode_combine_kernel<<<grid, kCombineRowsPerBlock * 32, 0, stream>>>(params);
-  SNAPMLA_CUDA_CHECK_LAUNCH();
+  launch_dependent(mla_decode_combine_kernel, grid, dim3(kCombineRowsPerBlock * 32), 0, stream, params);
 }
 
 }  // namespace snapmla::cuda::sm90

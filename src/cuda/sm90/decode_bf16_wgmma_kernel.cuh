@@ -66,6 +66,7 @@
 
 #include "core/schedule.h"
 #include "cuda/sm90/decode_params.cuh"
+#include "cuda/sm90/dependent_launch.cuh"
 #include "cuda/sm90/mma.cuh"
 #include "cuda/sm90/token_quant.cuh"
 #include "cuda/sm90/wgmma.cuh"
@@ -629,6 +630,8 @@ __global__ void __launch_bounds__(kThreads, 1)
   const int tid = threadIdx.x;
   // Through a shuffle so that the compiler knows it is warp-uniform.
   const int warp_group = __shfl_sync(0xffffffffu, tid >> 7, 0);
+  wait_for_prior_kernel();  // the schedule, query and cache come from earlier kernels
+  release_next_kernel();   // the combine, or the next step's first kernel
   const SchedulePart part = load_schedule_part(p.tile_scheduler_metadata, blockIdx.y);
 
   if (tid == 0) {

@@ -32,6 +32,7 @@
 #include "core/numeric.h"
 #include "core/schedule.h"
 #include "cuda/sm90/decode_params.cuh"
+#include "cuda/sm90/dependent_launch.cuh"
 #include "cuda/sm90/mma.cuh"
 #include "cuda/sm90/token_quant.cuh"
 #include "snapmla/kv_format.h"
@@ -134,6 +135,8 @@ __global__ void __launch_bounds__(kRowGroups * kWarpsPerRowGroup * 32, 1)
   float* red_max = reinterpret_cast<float*>(smem + Smem::kRedMax);
   float* red_aux = reinterpret_cast<float*>(smem + Smem::kRedAux);
 
+  wait_for_prior_kernel();  // the schedule, query and cache come from earlier kernels
+  release_next_kernel();   // the combine, or the next step's first kernel
   const SchedulePart part = load_schedule_part(p.tile_scheduler_metadata, blockIdx.y);
 
   for (int batch = part.begin_batch; batch <= part.end_batch; ++batch) {

@@ -6,6 +6,7 @@
 
 #include "cuda/check.h"
 #include "cuda/sm90/decode_kernel.cuh"
+#include "cuda/sm90/dependent_launch.cuh"
 
 namespace snapmla::cuda::sm90 {
 
@@ -34,8 +35,7 @@ void launch_wgmma_decode(void (*kernel)(DecodeKernelParams, Maps), int rows_per_
                          const DecodeKernelParams& params, const Maps& maps, cudaStream_t stream) {
   SNAPMLA_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem_bytes));
   const dim3 grid((params.rows + rows_per_cta - 1) / rows_per_cta, params.num_parts);
-  kernel<<<grid, threads, smem_bytes, stream>>>(params, maps);
-  SNAPMLA_CUDA_CHECK_LAUNCH();
+  launch_dependent(kernel, grid, dim3(threads), smem_bytes, stream, params, maps);
 }
 
 template <KvFormat kFormat, int kRowGroups>
@@ -45,8 +45,7 @@ void launch_decode_instance(const DecodeKernelParams& params, cudaStream_t strea
   SNAPMLA_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, Smem::kBytes));
   const dim3 grid((params.rows + Smem::kRows - 1) / Smem::kRows, params.num_parts);
   const dim3 block(kRowGroups * kWarpsPerRowGroup * 32);
-  kernel<<<grid, block, Smem::kBytes, stream>>>(params);
-  SNAPMLA_CUDA_CHECK_LAUNCH();
+  launch_dependent(kernel, grid, block, Smem::kBytes, stream, params);
 }
 
 template <KvFormat kFormat>

@@ -59,6 +59,7 @@
 #include "core/numeric.h"
 #include "core/schedule.h"
 #include "cuda/sm90/decode_params.cuh"
+#include "cuda/sm90/dependent_launch.cuh"
 #include "cuda/sm90/mma.cuh"
 #include "cuda/sm90/tensor_maps.h"
 #include "cuda/sm90/token_quant.cuh"
@@ -467,6 +468,8 @@ __global__ void __launch_bounds__(kThreads, 1)
   const int quad_lane = lane & 3;
   const int tile_row0 = blockIdx.x * kRows;
   const int local_row[2] = {16 * group_warp + group_row, 16 * group_warp + group_row + 8};
+  wait_for_prior_kernel();  // the schedule, query and cache come from earlier kernels
+  release_next_kernel();   // the combine, or the next step's first kernel
   const SchedulePart part = load_schedule_part(p.tile_scheduler_metadata, blockIdx.y);
 
   if (tid == 0) {
