@@ -639,8 +639,7 @@ __global__ void __launch_bounds__(kThreads, 1)
       for (int half = 0; half < 2; ++half) wgmma::mbarrier_init(empty_barrier(smem_base, stage, half), 128);
       for (int tile = 0; tile < kTiles; ++tile) wgmma::mbarrier_init(tile_full_barrier(smem_base, stage, tile), 1);
     }
-    // The barriers' initialization, for the TMA unit's complete_tx.
-    if constexpr (kTma) asm volatile("fence.mbarrier_init.release.cluster;\n" ::: "memory");
+    if constexpr (kTma) wgmma::fence_mbarrier_init();
   }
   __syncthreads();  // the last CTA-wide barrier: from here on the roles synchronise apart
 

@@ -483,8 +483,7 @@ __global__ void __launch_bounds__(kThreads, 1)
       wgmma::mbarrier_init(smem_base + Smem::kPFull + 8 * i, 128);  // the page's owner
       wgmma::mbarrier_init(smem_base + Smem::kPEmpty + 8 * i, kMathThreads);
     }
-    // The barriers' initialization, for the TMA unit's complete_tx.
-    if constexpr (kTma) asm volatile("fence.mbarrier_init.release.cluster;\n" ::: "memory");
+    if constexpr (kTma) wgmma::fence_mbarrier_init();
   }
   __syncthreads();  // the last CTA-wide barrier: from here on the roles synchronise apart
   if (warp_group == kWarpGroups) {

@@ -107,6 +107,11 @@ __device__ __forceinline__ void fence_proxy_async_shared() {
 __device__ __forceinline__ void mbarrier_init(uint32_t bar, int count) {
   asm volatile("mbarrier.init.shared::cta.b64 [%0], %1;\n" ::"r"(bar), "r"(count) : "memory");
 }
+// Makes this thread's earlier mbarrier_init visible to the async proxy, for
+// barriers that TMA copies (tma_load_2d) complete.
+__device__ __forceinline__ void fence_mbarrier_init() {
+  asm volatile("fence.mbarrier_init.release.cluster;\n" ::: "memory");
+}
 // Release: this thread's earlier shared-memory accesses happen before the
 // phase completes for the waiters.
 __device__ __forceinline__ void mbarrier_arrive(uint32_t bar) {
